@@ -1,0 +1,3 @@
+from .utils import ChannelsLastPrepareBatch, channel_output
+
+__all__ = ["ChannelsLastPrepareBatch", "channel_output"]

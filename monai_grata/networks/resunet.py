@@ -1,0 +1,93 @@
+"""The ResUNet source network of GraTa: MONAI's FlexibleUNet with a ResNet encoder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from monai.networks.nets import FlexibleUNet
+
+__all__ = ["resunet", "load_weights", "save_half_precision"]
+
+
+def resunet(
+    spatial_dims: int = 2,
+    in_channels: int = 3,
+    out_channels: int = 2,
+    backbone: str = "resnet34",
+    norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
+) -> FlexibleUNet:
+    """Build the ResUNet-34 of the paper (a U-Net decoder on a ResNet-34 encoder).
+
+    Args:
+        spatial_dims: 2 for images, 3 for volumes.
+        in_channels: channels of the input image (3 for colour fundus photographs).
+        out_channels: output channels (2 for fundus: optic disc and optic cup, sigmoid multi-label).
+        backbone: any FlexibleUNet backbone name, e.g. ``"resnet18"``, ``"resnet34"``, ``"resnet50"``.
+        norm: normalisation of the decoder, as FlexibleUNet takes it; the encoder always uses BatchNorm.
+
+    Returns:
+        An untrained ``monai.networks.nets.FlexibleUNet`` (no ImageNet weights: they cannot be
+        downloaded offline). Input sides must be multiples of 32.
+    """
+    return FlexibleUNet(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        backbone=backbone,
+        pretrained=False,
+        spatial_dims=spatial_dims,
+        norm=norm,
+    )
+
+
+def _state_dict_from(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
+    """Return the network state dict inside a bare state dict or a trainer checkpoint."""
+    for key in ("network", "model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
+def load_weights(network: torch.nn.Module, ckpt_path: str, strict: bool = True) -> torch.nn.Module:
+    """Load a (possibly half-precision) checkpoint into ``network``, keeping the network's dtype.
+
+    Args:
+        network: the network to fill, e.g. from :func:`resunet`.
+        ckpt_path: a file written by :func:`save_half_precision` or a trainer checkpoint holding
+            the key ``"network"``.
+        strict: passed to ``load_state_dict``.
+
+    Raises:
+        FileNotFoundError: when ``ckpt_path`` does not exist.
+        ValueError: when the file is not a checkpoint of a matching network.
+    """
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path!r}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt file
+        raise ValueError(f"cannot read checkpoint {ckpt_path!r}: {err}") from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint {ckpt_path!r} does not hold a state dict")
+    reference = network.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in _state_dict_from(checkpoint).items()}
+    try:
+        network.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {ckpt_path!r} does not match the network: {err}") from err
+    return network
+
+
+def save_half_precision(network_or_state: torch.nn.Module | Mapping, path: str) -> None:
+    """Save a network's weights as a half-precision state dict (floating tensors only).
+
+    Args:
+        network_or_state: a network, a state dict, or a trainer checkpoint with a ``"network"`` key.
+        path: the output file.
+    """
+    state = network_or_state.state_dict() if isinstance(network_or_state, torch.nn.Module) else network_or_state
+    state = _state_dict_from(state)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(half, path)

@@ -1,0 +1,63 @@
+"""Checking and normalising the channel layout of loaded images."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+
+__all__ = ["EnsureImageChannels", "EnsureImageChannelsd"]
+
+
+class EnsureImageChannels(Transform):
+    """Check that a channel-first image has the channels the network expects, with a clear error.
+
+    A 2D NIfTI colour image loads as (1, H, W, C); it is moved to (C, H, W) here. Non-finite pixels
+    are left as they are (the test-time adapters report and skip such images).
+
+    Args:
+        in_channels: the number of channels the network takes.
+        spatial_dims: 2 for images, 3 for volumes.
+    """
+
+    def __init__(self, in_channels: int = 3, spatial_dims: int = 2) -> None:
+        self.in_channels, self.spatial_dims = in_channels, spatial_dims
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            img: a channel-first image, as ``LoadImage(ensure_channel_first=True)`` gives it.
+        """
+        name = (getattr(img, "meta", {}) or {}).get("filename_or_obj", "<array>")
+        if img.ndim == self.spatial_dims + 2 and img.shape[0] == 1 and img.shape[-1] == self.in_channels:
+            img = img[0].movedim(-1, 0)
+        if img.ndim != self.spatial_dims + 1:
+            raise ValueError(
+                f"image {name!r} has shape {tuple(img.shape)}: expected {self.spatial_dims} spatial axes and a channel axis"
+            )
+        if img.shape[0] != self.in_channels:
+            raise ValueError(f"image {name!r} has {img.shape[0]} channels, the network expects {self.in_channels}")
+        return img
+
+
+class EnsureImageChannelsd(MapTransform):
+    """Dictionary version of :class:`EnsureImageChannels`.
+
+    Args:
+        keys: keys of the images to check.
+        in_channels: the number of channels the network takes.
+        spatial_dims: 2 for images, 3 for volumes.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, in_channels: int = 3, spatial_dims: int = 2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.check = EnsureImageChannels(in_channels, spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.check(d[key])
+        return d

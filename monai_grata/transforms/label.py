@@ -1,0 +1,79 @@
+"""Fundus label maps to nested optic disc / optic cup channels."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from monai.utils import convert_to_tensor
+
+__all__ = ["DiscCupFromLabel", "DiscCupFromLabeld"]
+
+
+def _source_name(img: torch.Tensor) -> str:
+    meta = getattr(img, "meta", {}) or {}
+    name = meta.get("filename_or_obj")
+    return f" in {name!r}" if name else ""
+
+
+class DiscCupFromLabel(Transform):
+    """Turn a label map (0 background, 1 disc rim, 2 cup) into two nested binary channels.
+
+    Output channel 0 is the optic disc (label >= 1), channel 1 the optic cup (label == 2), so the
+    cup lies inside the disc as the anatomy requires; both are float tensors for sigmoid losses.
+
+    Args:
+        allowed: the label values the map may hold; any other value raises ``ValueError``.
+    """
+
+    def __init__(self, allowed: tuple[int, ...] = (0, 1, 2)) -> None:
+        self.allowed = tuple(allowed)
+
+    def __call__(self, label: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            label: a label map of shape (1, *spatial) (or (*spatial) without channel).
+
+        Returns:
+            A float tensor of shape (2, *spatial): [optic disc, optic cup].
+        """
+        label = convert_to_tensor(label, track_meta=True)
+        if label.ndim >= 3 and label.shape[0] != 1:
+            raise ValueError(f"label map must have one channel, got shape {tuple(label.shape)}{_source_name(label)}")
+        values = torch.unique(label)
+        allowed = torch.tensor(self.allowed, dtype=values.dtype, device=values.device)
+        bad = values[~torch.isin(values, allowed)]
+        if bad.numel():
+            raise ValueError(
+                f"label values {bad.tolist()[:10]} outside {list(self.allowed)}{_source_name(label)}"
+                " (expected 0 background, 1 optic disc rim, 2 optic cup)"
+            )
+        lab = label[0] if label.ndim >= 3 else label
+        out = torch.stack([lab >= 1, lab == 2]).to(torch.float32)
+        if hasattr(label, "meta"):
+            out = convert_to_tensor(out, track_meta=True)
+            out.meta = dict(label.meta)
+            out.applied_operations = list(getattr(label, "applied_operations", []))
+        return out
+
+
+class DiscCupFromLabeld(MapTransform):
+    """Dictionary version of :class:`DiscCupFromLabel`.
+
+    Args:
+        keys: keys of the label maps to convert.
+        allowed: the label values the map may hold.
+        allow_missing_keys: do not raise when a key is absent (e.g. unlabelled target images).
+    """
+
+    def __init__(self, keys: KeysCollection, allowed: tuple[int, ...] = (0, 1, 2), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = DiscCupFromLabel(allowed)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d

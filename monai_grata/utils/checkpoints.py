@@ -1,0 +1,75 @@
+"""Finding the checkpoints a training run left, and exporting the shipped source model."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+
+import torch
+
+from monai_grata.networks import save_half_precision
+
+__all__ = ["best_checkpoint", "export_source_model", "latest_checkpoint"]
+
+
+def _scored(directory: str, pattern: str, score: str) -> list[tuple[float, str]]:
+    found = []
+    for path in glob.glob(os.path.join(directory, pattern)):
+        match = re.search(rf"{score}=(-?[0-9.]+)\.pt$", os.path.basename(path))
+        if match:
+            found.append((float(match.group(1).rstrip(".")), path))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str, prefix: str = "last") -> str | None:
+    """The interval checkpoint of the highest epoch (``{prefix}_checkpoint_epoch=N.pt``), or ``None``.
+
+    Args:
+        directory: the training output folder.
+        prefix: the ``file_prefix`` of the interval ``CheckpointSaver``.
+    """
+    found = _scored(directory, f"{prefix}_*epoch=*.pt", "epoch")
+    return found[-1][1] if found else None
+
+
+def best_checkpoint(directory: str) -> str | None:
+    """The key-metric checkpoint with the highest score in its name (``*key_metric=S.pt``), or ``None``.
+
+    Scores are read from the file names, so checkpoints from several resumed runs compare correctly.
+
+    Args:
+        directory: the training output folder.
+    """
+    found = _scored(directory, "*key_metric=*.pt", "key_metric")
+    return found[-1][1] if found else None
+
+
+def export_source_model(train_dir: str, out_path: str) -> str:
+    """Write the best checkpoint of a training run as a half-precision state dict.
+
+    Args:
+        train_dir: the output folder of a ``train.json`` run.
+        out_path: where to write, e.g. ``bundles/grata/models/source_refuge_train.pt``.
+
+    Returns:
+        The checkpoint that was exported.
+    """
+    best = best_checkpoint(train_dir)
+    if best is None:
+        raise FileNotFoundError(f"no key-metric checkpoint (*key_metric=*.pt) in {train_dir!r}")
+    save_half_precision(torch.load(best, map_location="cpu", weights_only=True), out_path)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Export the best checkpoint of a train.json run (half precision).")
+    parser.add_argument("train_dir", help="the output_dir of the training run")
+    parser.add_argument("out_path", help="the .pt file to write")
+    args = parser.parse_args()
+    print(f"exported {export_source_model(args.train_dir, args.out_path)} -> {args.out_path}")
+
+
+if __name__ == "__main__":
+    main()
