@@ -1,0 +1,3 @@
+from .metrics_report import MetricsReport
+
+__all__ = ["MetricsReport"]

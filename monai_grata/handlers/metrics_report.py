@@ -1,0 +1,126 @@
+"""Per-image CSV and a ``metrics.json`` summary of the Dice/ASSD metric handlers of an evaluator."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["MetricsReport"]
+
+
+def _filenames(batch, key: str) -> list[str]:
+    """Image names of a collated batch (a dict) or of a decollated one (a list of dicts)."""
+    if isinstance(batch, dict):
+        names = (getattr(batch.get(key), "meta", None) or {}).get("filename_or_obj", [])
+        return [str(n) for n in names] if isinstance(names, (list, tuple)) else [str(names)]
+    return [str((getattr(item.get(key), "meta", None) or {}).get("filename_or_obj", "")) for item in batch]
+
+
+def _mean(values: torch.Tensor) -> tuple[float, int]:
+    """Mean of the finite values and the number of values left out (NaN: empty label; Inf: empty prediction)."""
+    finite = values[torch.isfinite(values)]
+    mean = float(finite.mean()) if finite.numel() else float("nan")
+    return mean, int(values.numel() - finite.numel())
+
+
+class MetricsReport:
+    """Summarise per-channel Dice and ASSD of an evaluator into ``metrics.json`` and a per-image CSV.
+
+    It reads the per-image details that MONAI's ``MeanDice`` and ``SurfaceDistance`` handlers keep
+    (``save_details=True``), so attach it after them. At the end of the epoch it writes
+    ``{output_dir}/{json_name}`` with ``dice_<c>``, ``assd_<c>`` for every channel name, ``dice_mean``,
+    ``assd_mean`` and ``n_images`` (ASSD means are over images where it is defined; ``n_assd_undefined``
+    counts the others, e.g. an empty prediction), writes ``{output_dir}/{csv_name}`` with one row per
+    image, and puts the summary into ``engine.state.metrics`` so that ``MLFlowHandler``/``StatsHandler``
+    attached after it log the finite values.
+
+    Args:
+        output_dir: the folder to write into (created if missing).
+        channel_names: names of the output channels, e.g. ``("od", "oc")``.
+        dice_name: the name of the Dice metric handler.
+        assd_name: the name of the ASSD (symmetric SurfaceDistance) metric handler; ``None`` for none.
+        image_key: the batch key whose metadata names the images.
+        json_name: the summary file name.
+        csv_name: the per-image file name.
+        extra: a callable returning more summary entries (e.g. the no-adapt scores of the same run).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        channel_names: Sequence[str] = ("od", "oc"),
+        dice_name: str = "dice",
+        assd_name: str | None = "assd",
+        image_key: str = "image",
+        json_name: str = "metrics.json",
+        csv_name: str = "per_image.csv",
+        extra=None,
+    ) -> None:
+        self.output_dir, self.channel_names = output_dir, tuple(channel_names)
+        self.dice_name, self.assd_name, self.image_key = dice_name, assd_name, image_key
+        self.json_name, self.csv_name, self.extra = json_name, csv_name, extra
+        self.filenames: list[str] = []
+        self.summary: dict[str, float] = {}
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self.filenames = []
+
+    def _collect(self, engine: Engine) -> None:
+        self.filenames += _filenames(engine.state.batch, self.image_key)
+
+    def _details(self, engine: Engine, name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        details = engine.state.metric_details.get(name)
+        if details is None:
+            raise RuntimeError(f"no per-image details for metric {name!r}: attach its handler with save_details=True")
+        return torch.as_tensor(details).float().reshape(len(self.filenames), -1).cpu()
+
+    def __call__(self, engine: Engine) -> None:
+        dice, assd = self._details(engine, self.dice_name), self._details(engine, self.assd_name)
+        summary: dict[str, float] = {}
+        for c, name in enumerate(self.channel_names):
+            summary[f"dice_{name}"] = _mean(dice[:, c])[0]
+        summary["dice_mean"] = sum(summary[f"dice_{n}"] for n in self.channel_names) / len(self.channel_names)
+        if assd is not None:
+            undefined = 0
+            for c, name in enumerate(self.channel_names):
+                summary[f"assd_{name}"], left_out = _mean(assd[:, c])
+                undefined += left_out
+            summary["assd_mean"] = sum(summary[f"assd_{n}"] for n in self.channel_names) / len(self.channel_names)
+            summary["n_assd_undefined"] = undefined
+        summary["n_images"] = len(self.filenames)
+        if self.extra is not None:
+            summary.update(self.extra())
+        self.summary = summary
+        self._write(dice, assd)
+        engine.state.metrics.update({k: v for k, v in summary.items() if math.isfinite(v)})
+        if self.assd_name in engine.state.metrics and "assd_mean" in summary:
+            engine.state.metrics[self.assd_name] = summary["assd_mean"]
+        self.logger.info("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+
+    def _write(self, dice: torch.Tensor, assd: torch.Tensor | None) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, self.json_name), "w") as f:
+            json.dump({k: (v if math.isfinite(v) else None) for k, v in self.summary.items()}, f, indent=2)
+        header = ["filename"] + [f"dice_{n}" for n in self.channel_names]
+        header += [f"assd_{n}" for n in self.channel_names] if assd is not None else []
+        with open(os.path.join(self.output_dir, self.csv_name), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for i, name in enumerate(self.filenames):
+                row = dice[i].tolist() + (assd[i].tolist() if assd is not None else [])
+                writer.writerow([name] + [f"{v:.6f}" for v in row])
