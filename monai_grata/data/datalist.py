@@ -51,7 +51,9 @@ def folder_datalist(image_dir: str, label_dir: str | None = None) -> list[dict]:
     images = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
     labels = {}
     if label_dir is not None and os.path.isdir(label_dir):
-        labels = {_stem(f): os.path.join(label_dir, f) for f in os.listdir(label_dir) if f.lower().endswith(IMAGE_SUFFIXES)}
+        labels = {
+            _stem(f): os.path.join(label_dir, f) for f in os.listdir(label_dir) if f.lower().endswith(IMAGE_SUFFIXES)
+        }
     items = []
     for name in images:
         item = {"image": os.path.join(image_dir, name)}

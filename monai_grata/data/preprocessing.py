@@ -26,7 +26,7 @@ def fundus_preprocessing(
 ) -> mt.Compose:
     """Load, check, min-max scale and resize an ``{"image", "label"}`` item (the label is optional).
 
-    Images are scaled to [0, 1] per image and resized to ``image_size`` per side (bilinear);
+    Images are resized to ``image_size`` per side (bilinear), then min-max scaled to [0, 1] per image;
     labels (0 background, 1 disc rim, 2 cup) become [optic disc, optic cup] channels. The resize is
     recorded in the image's metadata so ``monai.transforms.Invertd`` maps predictions back to the
     original size.
@@ -47,8 +47,8 @@ def fundus_preprocessing(
     transforms = [
         mt.LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True, allow_missing_keys=True),
         EnsureImageChannelsd(keys="image", in_channels=in_channels, spatial_dims=spatial_dims),
-        mt.ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
         mt.Resized(keys="image", spatial_size=size, mode="bilinear", align_corners=False),
+        mt.ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
     ]
     if resize_label:
         transforms.append(mt.Resized(keys=label_keys, spatial_size=size, mode="nearest", allow_missing_keys=True))

@@ -35,7 +35,8 @@ class EnsureImageChannels(Transform):
             img = img[0].movedim(-1, 0)
         if img.ndim != self.spatial_dims + 1:
             raise ValueError(
-                f"image {name!r} has shape {tuple(img.shape)}: expected {self.spatial_dims} spatial axes and a channel axis"
+                f"image {name!r} has shape {tuple(img.shape)}: "
+                f"expected {self.spatial_dims} spatial axes and a channel axis"
             )
         if img.shape[0] != self.in_channels:
             raise ValueError(f"image {name!r} has {img.shape[0]} channels, the network expects {self.in_channels}")
@@ -52,7 +53,9 @@ class EnsureImageChannelsd(MapTransform):
         allow_missing_keys: do not raise when a key is absent.
     """
 
-    def __init__(self, keys: KeysCollection, in_channels: int = 3, spatial_dims: int = 2, allow_missing_keys: bool = False):
+    def __init__(
+        self, keys: KeysCollection, in_channels: int = 3, spatial_dims: int = 2, allow_missing_keys: bool = False
+    ):
         super().__init__(keys, allow_missing_keys)
         self.check = EnsureImageChannels(in_channels, spatial_dims)
 

@@ -84,8 +84,13 @@ class StrongIntensityAug(Transform):
         prob_blur_channel: float = 0.5,
         seed: int | None = 0,
     ) -> None:
-        for name, (low, high) in {"brightness": brightness, "contrast": contrast, "gamma": gamma,
-                                  "noise_std": noise_std, "blur_sigma": blur_sigma}.items():
+        for name, (low, high) in {
+            "brightness": brightness,
+            "contrast": contrast,
+            "gamma": gamma,
+            "noise_std": noise_std,
+            "blur_sigma": blur_sigma,
+        }.items():
             if not 0 <= low <= high:
                 raise ValueError(f"{name} range must satisfy 0 <= low <= high, got ({low}, {high})")
         if not gamma[0] <= 1 <= gamma[1]:

@@ -86,7 +86,7 @@ class WeakViews(Transform):
         if y.shape[0] % self.num_views:
             raise ValueError(f"batch of {y.shape[0]} is not a multiple of {self.num_views} views")
         chunks = y.chunk(self.num_views, dim=0)
-        return torch.stack([_undo(c, flip, k) for c, (flip, k) in zip(chunks, self.views)])
+        return torch.stack([_undo(c, flip, k) for c, (flip, k) in zip(chunks, self.views, strict=True)])
 
 
 class WeakViewsd(MapTransform):

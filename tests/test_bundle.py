@@ -1,0 +1,139 @@
+"""The bundle configs, run through ``python -m monai.bundle`` from the repo root as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from monai_grata.utils import best_checkpoint, export_source_model, latest_checkpoint
+
+from .conftest import CONFIG_DIR, REPO_ROOT
+
+
+def bundle(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def config(name: str) -> str:
+    return os.path.join(CONFIG_DIR, name)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two iterations of train.json on the shipped sample, then one more epoch resumed from its checkpoint."""
+    out = str(tmp_path_factory.mktemp("train"))
+    common = [
+        "--output_dir",
+        out,
+        "--device",
+        "cpu",
+        "--image_size",
+        "64",
+        "--batch_size",
+        "2",
+        "--max_iterations",
+        "2",
+    ]
+    first = bundle("run", "--config_file", config("train.json"), "--source", "drishti_gs", "--epochs", "1", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = bundle("run", "--config_file", config("train.json"), "--source", "drishti_gs", "--epochs", "2", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return out, first.stdout + first.stderr, resumed.stdout + resumed.stderr
+
+
+def test_train_runs_validates_and_resumes(trained):
+    out, first_log, resumed_log = trained
+    assert "Epoch[1] Metrics" in first_log and "val_mean_dice" in first_log
+    assert "Restored all variables from" in resumed_log and "Epoch[2] Metrics" in resumed_log
+    assert latest_checkpoint(out).endswith("epoch=2.pt")
+    assert best_checkpoint(out) is not None
+    assert os.path.isfile(os.path.join(out, "mlflow.db"))
+
+
+def test_evaluate_on_sample(trained, tmp_path):
+    model = str(tmp_path / "source.pt")
+    export_source_model(trained[0], model)
+    out = str(tmp_path / "eval")
+    run = bundle(
+        "run",
+        "--config_file",
+        config("evaluate.json"),
+        "--target",
+        "refuge_val",
+        "--ckpt_path",
+        model,
+        "--output_dir",
+        out,
+        "--device",
+        "cpu",
+        "--image_size",
+        "64",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images"} <= set(metrics)
+    assert metrics["n_images"] == 8
+    assert 0.0 <= metrics["dice_od"] <= 1.0 and 0.0 <= metrics["dice_oc"] <= 1.0
+    with open(os.path.join(out, "per_image.csv")) as f:
+        rows = f.read().strip().splitlines()
+    assert rows[0].startswith("filename,dice_od,dice_oc") and len(rows) == 9
+
+
+def test_evaluate_missing_checkpoint_is_named(tmp_path):
+    run = bundle(
+        "run",
+        "--config_file",
+        config("evaluate.json"),
+        "--ckpt_path",
+        str(tmp_path / "nothing.pt"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+    )
+    assert run.returncode != 0
+    assert "checkpoint not found" in run.stderr and "nothing.pt" in run.stderr
+
+
+def test_train_empty_dataset_is_reported(tmp_path):
+    (tmp_path / "site" / "images").mkdir(parents=True)
+    run = bundle(
+        "run",
+        "--config_file",
+        config("train.json"),
+        "--dataset_dir",
+        str(tmp_path),
+        "--source",
+        "site",
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert run.returncode != 0 and "empty dataset" in run.stderr
+
+
+def test_metadata_verifies_offline():
+    run = bundle(
+        "verify_metadata",
+        "--meta_file",
+        config("metadata.json"),
+        "--filepath",
+        os.path.join(REPO_ROOT, "bundles", "grata", "docs", "metadata_schema.json"),
+    )
+    assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr
+
+
+def test_network_in_out_verifies():
+    run = bundle(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        config("metadata.json"),
+        "--config_file",
+        config("evaluate.json"),
+        "--device",
+        "cpu",
+    )
+    assert run.returncode == 0 and "data shape of network is verified with no error" in run.stdout + run.stderr

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from monai_grata.transforms import (
+    DiscCupFromLabel,
+    DiscCupFromLabeld,
+    StrongIntensityAug,
+    StrongIntensityAugd,
+    WeakViews,
+    WeakViewsd,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_disc_cup_channels_are_nested():
+    label = torch.tensor([[[0, 1, 2], [2, 1, 0]]])
+    out = DiscCupFromLabel()(label)
+    assert out.shape == (2, 2, 3)
+    assert torch.equal(out[0], torch.tensor([[0.0, 1, 1], [1, 1, 0]]))
+    assert torch.equal(out[1], torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
+    assert bool((out[1] <= out[0]).all())
+    assert DiscCupFromLabeld("label")({"label": label})["label"].shape == (2, 2, 3)
+
+
+def test_disc_cup_rejects_other_values_and_names_file():
+    label = MetaTensor(torch.tensor([[[0, 255]]]), meta={"filename_or_obj": "case7.png"})
+    with pytest.raises(ValueError, match=r"\[255\].*case7.png"):
+        DiscCupFromLabel()(label)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 1, 4, 8, 8)])
+def test_weak_views_inverse_is_exact(shape):
+    x = torch.rand(shape)
+    views = WeakViews()
+    stacked = views(x)
+    assert stacked.shape == (6 * shape[0],) + shape[1:]
+    back = views.inverse(stacked)
+    assert back.shape == (6,) + shape
+    for v in range(6):
+        assert torch.equal(back[v], x)
+    # the views differ from each other (a view that did nothing would hide a broken inverse)
+    assert len({tuple(stacked[v * shape[0]].flatten()[:8].tolist()) for v in range(6)}) == 6
+
+
+def test_weak_views_dict_and_errors():
+    x = torch.rand(1, 3, 8, 8)
+    d = WeakViewsd("image")({"image": x})
+    assert torch.equal(WeakViewsd("image").inverse(d)["image"][3], x)
+    with pytest.raises(ValueError, match="square"):
+        WeakViews()(torch.rand(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="multiple of 6"):
+        WeakViews().inverse(torch.rand(4, 3, 8, 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strong_aug_range_device_and_per_sample_draws(device):
+    x = torch.rand(1, 3, 32, 32, device=device).repeat(8, 1, 1, 1)
+    out = StrongIntensityAug(seed=3)(x)
+    assert out.device.type == device and out.shape == x.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.amin(dim=(1, 2, 3)), torch.zeros(8, device=device))
+    torch.testing.assert_close(out.amax(dim=(1, 2, 3)), torch.ones(8, device=device))
+    # identical inputs, independent draws: the samples must not all be augmented the same way
+    distinct = {tuple(out[i].flatten()[:16].round(decimals=5).tolist()) for i in range(8)}
+    assert len(distinct) > 4
+
+
+def test_strong_aug_per_channel_draws():
+    x = torch.rand(1, 1, 32, 32).repeat(64, 3, 1, 1)
+    out = StrongIntensityAug(seed=0, prob_noise=0.0, prob_blur_sample=0.0)(x)
+    # with the same input in every channel, per-channel draws make the channels differ in most samples
+    differs = [(out[i, 0] - out[i, 1]).abs().max() > 1e-4 for i in range(64)]
+    assert sum(differs) > 32
+
+
+def test_strong_aug_seeding():
+    x = torch.rand(4, 3, 16, 16)
+    aug = StrongIntensityAug(seed=11)
+    first, second = aug(x), aug(x)
+    assert not torch.equal(first, second)
+    aug.set_random_state(11)
+    assert torch.equal(aug(x), first)
+    assert torch.equal(StrongIntensityAug(seed=11)(x), first)
+    assert not torch.equal(StrongIntensityAug(seed=12)(x), first)
+    d = StrongIntensityAugd("image", seed=11)({"image": x})
+    assert torch.equal(d["image"], first)
+
+
+def test_strong_aug_3d_and_bad_input():
+    out = StrongIntensityAug(seed=0)(torch.rand(2, 1, 8, 8, 8))
+    assert out.shape == (2, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="batch"):
+        StrongIntensityAug()(torch.rand(16, 16))
+    with pytest.raises(ValueError, match="gamma"):
+        StrongIntensityAug(gamma=(1.2, 2.0))
