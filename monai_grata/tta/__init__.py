@@ -1,0 +1,32 @@
+"""Test-time adapters: plain torch, no Ignite or MLflow."""
+
+from .base import (
+    NORM_LAYERS,
+    TTAdapter,
+    adapter_names,
+    build_adapter,
+    collect_norm_params,
+    configure_batch_statistics,
+    register_adapter,
+)
+from .batchnorm import per_group_batch_norm
+from .grata import ACTIVATIONS, GraTa
+from .losses import consistency_loss, entropy_loss, probabilities
+from .tent import Tent
+
+__all__ = [
+    "ACTIVATIONS",
+    "NORM_LAYERS",
+    "GraTa",
+    "TTAdapter",
+    "Tent",
+    "adapter_names",
+    "build_adapter",
+    "collect_norm_params",
+    "configure_batch_statistics",
+    "consistency_loss",
+    "entropy_loss",
+    "per_group_batch_norm",
+    "probabilities",
+    "register_adapter",
+]

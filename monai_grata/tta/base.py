@@ -1,0 +1,177 @@
+"""The lifecycle every test-time adapter shares: configure, collect, adapt-and-predict, reset."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NORM_LAYERS",
+    "TTAdapter",
+    "adapter_names",
+    "build_adapter",
+    "collect_norm_params",
+    "configure_batch_statistics",
+    "register_adapter",
+]
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+_REGISTRY: dict[str, type[TTAdapter]] = {}
+logger = logging.getLogger(__name__)
+
+
+def register_adapter(name: str) -> Callable[[type[TTAdapter]], type[TTAdapter]]:
+    """Class decorator that makes an adapter selectable by ``name`` in :func:`build_adapter`."""
+
+    def decorator(cls: type[TTAdapter]) -> type[TTAdapter]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def adapter_names() -> list[str]:
+    """The names :func:`build_adapter` accepts."""
+    return sorted(_REGISTRY)
+
+
+def build_adapter(name: str, model: nn.Module, **kwargs) -> TTAdapter:
+    """Wrap ``model`` in the adapter registered as ``name`` (e.g. ``"grata"``, ``"tent"``).
+
+    Args:
+        name: a registered adapter name.
+        model: the source model; it is adapted in place.
+        kwargs: the adapter's constructor arguments.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown test-time adaptation method {name!r}; choose from {adapter_names()}")
+    return _REGISTRY[name](model, **kwargs)
+
+
+def _norm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            yield name, module
+
+
+def collect_norm_params(model: nn.Module) -> list[nn.Parameter]:
+    """The affine weights and biases of every normalisation layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm).
+
+    Raises:
+        ValueError: when the model has no normalisation layer with affine parameters.
+    """
+    params = [
+        p
+        for _, m in _norm_layers(model)
+        for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+        if p is not None
+    ]
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no normalisation layer with affine parameters "
+            "(BatchNorm, InstanceNorm(affine=True), GroupNorm or LayerNorm): nothing to adapt"
+        )
+    return params
+
+
+def configure_batch_statistics(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm normalise with the current batch's statistics, in train and eval mode alike.
+
+    Removing the running statistics (as TENT does) keeps this true when an engine calls ``model.eval()``.
+    """
+    for _, module in _norm_layers(model):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+    return model
+
+
+class TTAdapter(nn.Module):
+    """Base class of test-time adapters: ``adapter(x)`` adapts on ``x`` and returns the adapted logits.
+
+    A subclass implements :meth:`adapt` (one update on a batch, returning its statistics) and may override
+    :meth:`configure_model`, :meth:`collect_params` and :meth:`build_optimizer`. The base class freezes
+    everything but the collected parameters, keeps the source state of model and optimizer for
+    :meth:`reset`, skips batches with non-finite values, and rolls back an update that leaves any adapted
+    parameter non-finite.
+
+    Args:
+        model: the source model, adapted in place.
+        episodic: reset to the source state before every batch (otherwise adaptation is continual).
+    """
+
+    def __init__(self, model: nn.Module, episodic: bool = False) -> None:
+        super().__init__()
+        self.model = self.configure_model(model)
+        self.params = self.collect_params(self.model)
+        self.model.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = self.build_optimizer(self.params)
+        self.episodic = episodic
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self.n_skipped = 0
+        self.n_rolled_back = 0
+        self._source_model = copy.deepcopy(self.model.state_dict())
+        self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        """Prepare the model for adaptation (default: eval mode, batch statistics in every BatchNorm)."""
+        return configure_batch_statistics(model.eval())
+
+    def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters to adapt (default: normalisation affine parameters)."""
+        return collect_norm_params(model)
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer of the adapted parameters (default: Adam, lr 1e-4)."""
+        return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999))
+
+    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run one update on the batch ``x``; return the step's statistics as 0-dim tensors."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Restore the source weights and a fresh optimizer state, bit-exactly."""
+        self.model.load_state_dict(self._source_model, strict=True)
+        self.optimizer.load_state_dict(self._source_optimizer)
+        self.optimizer.state.clear()
+
+    @torch.enable_grad()
+    def adapt_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adapt on ``x`` (with the episodic reset, input check and rollback); return the step's statistics.
+
+        Works inside a caller's ``torch.no_grad()`` block, such as a MONAI evaluator's forward.
+        """
+        if self.episodic:
+            self.reset()
+        if not bool(torch.isfinite(x).all()):
+            self.n_skipped += 1
+            logger.warning("skipped adaptation on a batch with NaN/Inf values (no weight update)")
+            self.last_stats = {"skipped": torch.tensor(1.0)}
+            return self.last_stats
+        before = [p.detach().clone() for p in self.params]
+        optimizer_before = copy.deepcopy(self.optimizer.state_dict())
+        stats = self.adapt(x)
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            with torch.no_grad():
+                for p, old in zip(self.params, before, strict=True):
+                    p.copy_(old)
+            self.optimizer.load_state_dict(optimizer_before)
+            self.n_rolled_back += 1
+            logger.warning("rolled back an adaptation step that left non-finite adapted weights")
+            stats["rolled_back"] = torch.tensor(1.0)
+        self.last_stats = stats
+        return stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Adapt on ``x``, then return the logits of ``x`` from the updated model."""
+        self.adapt_batch(x)
+        with torch.no_grad():
+            return self.model(x)

@@ -1,0 +1,137 @@
+"""GraTa: gradient alignment with a dynamic learning rate for test-time adaptation (AAAI 2025, Algorithm 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_grata.transforms import WEAK_VIEWS, StrongIntensityAug, WeakViews
+
+from .base import TTAdapter, register_adapter
+from .batchnorm import per_group_batch_norm
+from .losses import consistency_loss, entropy_loss, probabilities
+
+__all__ = ["ACTIVATIONS", "GraTa"]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "quadratic": lambda c: (c + 1) ** 2 / 4,
+    "linear": lambda c: (c + 1) / 2,
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "softplus": F.softplus,
+}
+LOSSES = ("entropy", "consistency")
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@register_adapter("grata")
+class GraTa(TTAdapter):
+    """GraTa test-time adaptation: ``adapter(x)`` runs one step of Algorithm 1 on ``x`` and returns the
+    logits of ``x`` from the updated model.
+
+    Per batch: the auxiliary gradient ``g_aux`` of ``aux`` is taken at θ; the weights move to
+    θ' = θ − g_aux (unit step); the pseudo gradient ``g_pseudo`` of ``pseudo`` is taken at θ'; θ is
+    restored; Adam steps θ with ``g_pseudo`` and lr = ``beta · act(cos(g_aux, g_pseudo))``. Adapted
+    parameters are the normalisation affine weights; every BatchNorm uses the batch's statistics.
+    The consistency loss compares the strong view's logits with the mean probability of the weak views
+    (identity, flips, rotations), mapped back and computed without gradient in one batched forward in
+    which each view keeps its own BatchNorm statistics.
+
+    After each call, ``last_stats`` holds 0-dim tensors ``cos``, ``lr``, ``loss_aux``, ``loss_pseudo``.
+
+    Args:
+        model: the source network (adapted in place).
+        beta: the base learning rate (scaling factor of Eq. 5).
+        aux: loss whose gradient perturbs the weights, ``"entropy"`` or ``"consistency"`` (Table 3 swaps them).
+        pseudo: loss whose gradient updates the weights, ``"consistency"`` or ``"entropy"``.
+        activation: maps the cosine to a learning rate factor: ``"quadratic"`` ¼(x+1)², ``"linear"`` ½(x+1),
+            ``"sigmoid"``, ``"relu"``, ``"softplus"`` (Table 4).
+        align: take the pseudo gradient at θ' (True) or at θ (False; Table 2).
+        dynamic_lr: lr = beta·act(cos) (True) or lr = beta (False; Table 2).
+        strong_transform: a callable on a batch tensor giving the strong view; default
+            :class:`~monai_grata.transforms.StrongIntensityAug` seeded with ``seed``.
+        episodic: reset to the source weights before every batch (default: continual).
+        multilabel: sigmoid multi-label outputs (fundus) or softmax multi-class outputs (False).
+        views: the weak views, as :class:`~monai_grata.transforms.WeakViews` takes them.
+        seed: seed of the default strong augmentation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        beta: float = 1e-4,
+        aux: str = "entropy",
+        pseudo: str = "consistency",
+        activation: str = "quadratic",
+        align: bool = True,
+        dynamic_lr: bool = True,
+        strong_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        episodic: bool = False,
+        multilabel: bool = True,
+        views: Sequence = WEAK_VIEWS,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("aux", aux), ("pseudo", pseudo)):
+            if value not in LOSSES:
+                raise ValueError(f"{name} must be one of {LOSSES}, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not beta > 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
+        self.align, self.dynamic_lr, self.multilabel = align, dynamic_lr, multilabel
+        super().__init__(model, episodic=episodic)
+        self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
+        self.views = WeakViews(views)
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        # capturable Adam takes a tensor lr on the GPU, so the dynamic lr needs no host round-trip
+        return torch.optim.Adam(params, lr=self.beta, betas=(0.9, 0.999), capturable=params[0].is_cuda)
+
+    @torch.no_grad()
+    def teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean probability of the weak views of ``x``, mapped back to the original frame."""
+        with per_group_batch_norm(self.model, self.views.num_views):
+            logits = self.model(self.views(x))
+        return probabilities(self.views.inverse(logits), self.multilabel).mean(dim=0)
+
+    def loss(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The named unsupervised loss of ``x`` at the current weights."""
+        if name == "entropy":
+            return entropy_loss(self.model(x), self.multilabel)
+        teacher = self.teacher(x)
+        return consistency_loss(self.model(self.strong_transform(x)), teacher, self.multilabel)
+
+    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss_aux = self.loss(self.aux, x)
+        grad_aux = torch.autograd.grad(loss_aux, self.params)
+        if self.align:
+            source = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                torch._foreach_sub_(self.params, grad_aux)
+        loss_pseudo = self.loss(self.pseudo, x)
+        grad_pseudo = torch.autograd.grad(loss_pseudo, self.params)
+        if self.align:
+            with torch.no_grad():
+                for p, s in zip(self.params, source, strict=True):
+                    p.copy_(s)
+        flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
+        cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
+        lr = self.beta * ACTIVATIONS[self.activation](cos) if self.dynamic_lr else torch.full_like(cos, self.beta)
+        for p, g in zip(self.params, grad_pseudo, strict=True):
+            p.grad = g
+        self.optimizer.param_groups[0]["lr"] = lr if self.optimizer.defaults.get("capturable") else float(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "cos": cos.detach(),
+            "lr": lr.detach(),
+            "loss_aux": loss_aux.detach(),
+            "loss_pseudo": loss_pseudo.detach(),
+        }

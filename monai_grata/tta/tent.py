@@ -1,0 +1,38 @@
+"""TENT (Wang et al., ICLR 2021): entropy minimisation on normalisation affine parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import TTAdapter, register_adapter
+from .losses import entropy_loss
+
+__all__ = ["Tent"]
+
+
+@register_adapter("tent")
+class Tent(TTAdapter):
+    """TENT baseline: one Adam step on the entropy of the batch's prediction, BN on batch statistics.
+
+    Args:
+        model: the source network (adapted in place).
+        lr: Adam learning rate (1e-4 in GraTa's benchmark).
+        episodic: reset to the source weights before every batch.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4, episodic: bool = False, multilabel: bool = True) -> None:
+        self.lr, self.multilabel = float(lr), multilabel
+        super().__init__(model, episodic=episodic)
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
+
+    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = entropy_loss(self.model(x), self.multilabel)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss_aux": loss.detach()}

@@ -1,0 +1,247 @@
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_grata.transforms import StrongIntensityAug
+from monai_grata.tta import ACTIVATIONS, GraTa, Tent, build_adapter, per_group_batch_norm
+
+
+def tiny_net(out_channels: int = 2, norm: type = nn.BatchNorm2d) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        norm(8) if norm is not nn.GroupNorm else nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        norm(8) if norm is not nn.GroupNorm else nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, out_channels, 1),
+    )
+    with torch.no_grad():  # non-trivial affine parameters and running statistics
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return net
+
+
+def reference_grata(model: nn.Module, images: list[torch.Tensor], beta: float, seed: int) -> nn.Module:
+    """Algorithm 1 written out plainly: separate forwards per view, train-mode BN, Adam by hand."""
+    model = copy.deepcopy(model).train()
+    params = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
+    strong = StrongIntensityAug(seed=seed)
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    for step, x in enumerate(images, start=1):
+        p = torch.sigmoid(model(x))
+        entropy = -(p * torch.log(p + 1e-6)).sum(dim=1).mean()
+        g_ent = torch.autograd.grad(entropy, params)
+        theta = [q.detach().clone() for q in params]
+        with torch.no_grad():
+            for q, g in zip(params, g_ent, strict=True):
+                q -= g
+            views = [
+                torch.sigmoid(model(x)),
+                torch.sigmoid(model(x.flip(-1))).flip(-1),
+                torch.sigmoid(model(x.flip(-2))).flip(-2),
+                torch.rot90(torch.sigmoid(model(torch.rot90(x, 1, (-2, -1)))), -1, (-2, -1)),
+                torch.rot90(torch.sigmoid(model(torch.rot90(x, 2, (-2, -1)))), -2, (-2, -1)),
+                torch.rot90(torch.sigmoid(model(torch.rot90(x, 3, (-2, -1)))), -3, (-2, -1)),
+            ]
+            teacher = sum(views) / 6
+        consistency = F.binary_cross_entropy_with_logits(model(strong(x)), teacher)
+        g_con = torch.autograd.grad(consistency, params)
+        a, b = torch.cat([g.flatten() for g in g_ent]), torch.cat([g.flatten() for g in g_con])
+        cos = (a @ b) / (a.norm() * b.norm() + 1e-12)
+        lr = beta * (cos + 1) ** 2 / 4
+        with torch.no_grad():
+            for i, (q, t, g) in enumerate(zip(params, theta, g_con, strict=True)):
+                m1[i] = 0.9 * m1[i] + 0.1 * g
+                m2[i] = 0.999 * m2[i] + 0.001 * g * g
+                m_hat, v_hat = m1[i] / (1 - 0.9**step), m2[i] / (1 - 0.999**step)
+                q.copy_(t - lr * m_hat / (v_hat.sqrt() + 1e-8))
+    return model
+
+
+def test_grata_matches_plain_algorithm_1():
+    source = tiny_net()
+    images = [torch.rand(1, 3, 16, 16) for _ in range(2)]
+    expected = reference_grata(source, images, beta=1e-2, seed=5)
+    adapter = GraTa(copy.deepcopy(source), beta=1e-2, seed=5)
+    for x in images:
+        adapter(x)
+    got, want = dict(adapter.model.named_parameters()), dict(expected.named_parameters())
+    changed = 0
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6, msg=name)
+        if not torch.equal(value, dict(source.named_parameters())[name]):
+            changed += 1
+            assert name.split(".")[0] in {"1", "4"}, f"non-norm parameter {name} changed"
+    assert changed == 4  # weight and bias of both BatchNorm layers
+
+
+def test_reset_restores_source_bit_exactly():
+    source = tiny_net()
+    adapter = GraTa(copy.deepcopy(source), beta=1e-2)
+    state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    adapter(torch.rand(1, 3, 16, 16))
+    assert any(not torch.equal(v, state[k]) for k, v in adapter.model.state_dict().items())
+    adapter.reset()
+    assert all(torch.equal(v, state[k]) for k, v in adapter.model.state_dict().items())
+    assert not adapter.optimizer.state
+    for name, value in source.named_parameters():
+        assert torch.equal(dict(adapter.model.named_parameters())[name], value)
+
+
+def test_batched_views_equal_separate_forwards():
+    net = tiny_net()
+    adapter = GraTa(net)
+    x = torch.rand(2, 3, 16, 16)
+    stacked = adapter.views(x)
+    with torch.no_grad(), per_group_batch_norm(adapter.model, 6):
+        batched = adapter.model(stacked)
+    with torch.no_grad():
+        separate = torch.cat([adapter.model(chunk) for chunk in stacked.chunk(6)])
+        single = adapter.model(stacked[:1])
+    torch.testing.assert_close(batched, separate, rtol=0, atol=1e-5)
+    # batch size 1 per view: per-view statistics are the per-sample statistics of one image
+    adapter_1 = GraTa(tiny_net())
+    x1 = torch.rand(1, 3, 16, 16)
+    views = adapter_1.views(x1)
+    with torch.no_grad(), per_group_batch_norm(adapter_1.model, 6):
+        batched_1 = adapter_1.model(views)
+    with torch.no_grad():
+        for v in range(6):
+            torch.testing.assert_close(batched_1[v : v + 1], adapter_1.model(views[v : v + 1]), rtol=0, atol=1e-5)
+    assert single.shape == (1, 2, 16, 16)
+    # the patch is removed after the context
+    assert "forward" not in vars(adapter.model[1])
+
+
+def test_stats_and_options():
+    x = torch.rand(1, 3, 16, 16)
+    adapter = GraTa(tiny_net(), beta=1e-3)
+    adapter(x)
+    stats = adapter.last_stats
+    assert set(stats) == {"cos", "lr", "loss_aux", "loss_pseudo"}
+    assert -1 <= float(stats["cos"]) <= 1
+    assert float(stats["lr"]) == pytest.approx(1e-3 * (float(stats["cos"]) + 1) ** 2 / 4, rel=1e-5)
+    fixed = GraTa(tiny_net(), beta=1e-3, dynamic_lr=False)
+    fixed(x)
+    assert float(fixed.last_stats["lr"]) == pytest.approx(1e-3)
+    for name, act in ACTIVATIONS.items():
+        other = GraTa(tiny_net(), beta=1e-3, activation=name)
+        other(x)
+        expected = 1e-3 * float(act(other.last_stats["cos"]))
+        assert float(other.last_stats["lr"]) == pytest.approx(expected, rel=1e-5), name
+    swapped = GraTa(tiny_net(), aux="consistency", pseudo="entropy")
+    swapped(x)
+    assert float(swapped.last_stats["loss_aux"]) != pytest.approx(float(stats["loss_aux"]))
+    with pytest.raises(ValueError, match="activation"):
+        GraTa(tiny_net(), activation="cubic")
+    with pytest.raises(ValueError, match="aux"):
+        GraTa(tiny_net(), aux="rotation")
+
+
+def test_alignment_off_takes_pseudo_gradient_at_theta():
+    x = torch.rand(1, 3, 16, 16)
+    aligned, unaligned = GraTa(tiny_net(), beta=1e-2, seed=1), GraTa(tiny_net(), beta=1e-2, align=False, seed=1)
+    aligned(x)
+    unaligned(x)
+    assert float(aligned.last_stats["loss_pseudo"]) != pytest.approx(float(unaligned.last_stats["loss_pseudo"]))
+    # at theta the pseudo loss equals the consistency loss of the source model on the same strong view
+    probe = GraTa(tiny_net(), seed=1)
+    assert float(unaligned.last_stats["loss_pseudo"]) == pytest.approx(float(probe.loss("consistency", x)), rel=1e-6)
+
+
+def test_same_seed_same_predictions_and_episodic():
+    images = [torch.rand(1, 3, 16, 16) for _ in range(3)]
+    runs = []
+    for _ in range(2):
+        adapter = GraTa(tiny_net(), beta=1e-2, seed=3)
+        runs.append([adapter(x) for x in images])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    episodic = GraTa(tiny_net(), beta=1e-2, seed=3, episodic=True)
+    first = episodic(images[0])
+    episodic.strong_transform.set_random_state(3)
+    assert torch.equal(episodic(images[0]), first)
+
+
+def test_softmax_outputs_and_other_norms():
+    x = torch.rand(2, 3, 16, 16)
+    adapter = GraTa(tiny_net(out_channels=3), multilabel=False)
+    assert adapter(x).shape == (2, 3, 16, 16)
+    assert torch.isfinite(adapter.last_stats["cos"])
+    grouped = GraTa(tiny_net(norm=nn.GroupNorm))
+    before = [p.clone() for p in grouped.params]
+    grouped(x)
+    assert len(grouped.params) == 4 and any(not torch.equal(a, b) for a, b in zip(before, grouped.params, strict=True))
+
+
+def test_model_without_norm_layers_is_refused():
+    with pytest.raises(ValueError, match="no normalisation layer"):
+        GraTa(nn.Sequential(nn.Conv2d(3, 2, 1)))
+
+
+def test_non_finite_image_is_skipped(caplog):
+    adapter = GraTa(tiny_net())
+    before = [p.clone() for p in adapter.params]
+    x = torch.rand(1, 3, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING):
+        adapter(x)
+    assert "NaN/Inf" in caplog.text and adapter.n_skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter.params, strict=True))
+
+
+def test_constant_image_gives_finite_cos():
+    adapter = GraTa(tiny_net())
+    adapter(torch.zeros(1, 3, 16, 16))
+    assert all(torch.isfinite(v) for v in adapter.last_stats.values())
+    assert all(torch.isfinite(p).all() for p in adapter.params)
+
+
+def test_zero_gradient_gives_cos_zero():
+    net = tiny_net()
+    adapter = GraTa(net)
+    adapter.loss = lambda name, x: (adapter.model(x) * 0).sum()
+    adapter(torch.rand(1, 3, 16, 16))
+    assert float(adapter.last_stats["cos"]) == 0.0
+    assert torch.isfinite(adapter.last_stats["lr"])
+
+
+def test_non_finite_update_is_rolled_back(caplog):
+    adapter = GraTa(tiny_net())
+    before = [p.clone() for p in adapter.params]
+    original = adapter.adapt
+
+    def poisoned(x):
+        stats = original(x)
+        with torch.no_grad():
+            adapter.params[0].fill_(float("inf"))
+        return stats
+
+    adapter.adapt = poisoned
+    with caplog.at_level(logging.WARNING):
+        adapter(torch.rand(1, 3, 16, 16))
+    assert "rolled back" in caplog.text and adapter.n_rolled_back == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter.params, strict=True))
+
+
+def test_registry_and_tent():
+    tent = build_adapter("tent", tiny_net(), lr=1e-3)
+    assert isinstance(tent, Tent)
+    before = [p.clone() for p in tent.params]
+    tent(torch.rand(1, 3, 16, 16))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tent.params, strict=True))
+    assert isinstance(build_adapter("grata", tiny_net()), GraTa)
+    with pytest.raises(ValueError, match="unknown test-time adaptation method"):
+        build_adapter("magic", tiny_net())
