@@ -1,4 +1,4 @@
-from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val
+from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
 
 __all__ = [
@@ -8,4 +8,5 @@ __all__ = [
     "folder_datalist",
     "fundus_preprocessing",
     "split_train_val",
+    "target_datalist",
 ]

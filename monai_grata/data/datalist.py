@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from monai.data import load_decathlon_datalist
 
-__all__ = ["IMAGE_SUFFIXES", "domain_datalist", "folder_datalist", "split_train_val"]
+__all__ = ["IMAGE_SUFFIXES", "domain_datalist", "folder_datalist", "split_train_val", "target_datalist"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
 
@@ -114,3 +114,34 @@ def split_train_val(items: Sequence[dict], val_fraction: float = 0.2, seed: int 
     n_val = max(1, round(len(items) * val_fraction))
     val = set(order[:n_val])
     return [it for i, it in enumerate(items) if i not in val], [it for i, it in enumerate(items) if i in val]
+
+
+def target_datalist(
+    dataset_dir: str,
+    target: str | Sequence[str] | None = None,
+    source: str | None = None,
+    datalist: str | None = None,
+) -> list[dict]:
+    """The images to adapt to, each tagged with its ``"domain"``, domain after domain.
+
+    Args:
+        dataset_dir: the dataset root, or a plain folder of images (with an optional ``labels`` subfolder).
+        target: one domain, a list of domains, or ``None`` for every domain of the datalist except ``source``
+            (or, without a datalist, the folder ``dataset_dir`` itself).
+        source: the source domain, left out when ``target`` is ``None``.
+        datalist: a decathlon-style JSON file; defaults to ``dataset_dir/datalist.json`` when it exists.
+    """
+    if datalist is None and os.path.isfile(os.path.join(dataset_dir, "datalist.json")):
+        datalist = os.path.join(dataset_dir, "datalist.json")
+    if target is None:
+        if datalist is None:
+            name = os.path.basename(os.path.normpath(dataset_dir))
+            return [dict(item, domain=name) for item in domain_datalist(dataset_dir)]
+        if not os.path.isfile(datalist):
+            raise FileNotFoundError(f"datalist not found: {datalist!r}")
+        with open(datalist) as f:
+            target = [domain for domain in json.load(f) if domain != source]
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise ValueError(f"no target domain to adapt to (source {source!r})")
+    return [dict(item, domain=d) for d in targets for item in domain_datalist(dataset_dir, d, datalist)]

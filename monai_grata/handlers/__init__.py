@@ -1,3 +1,5 @@
 from .metrics_report import MetricsReport
+from .stream_report import StreamReport
+from .tta import GraTaHandler, TTAHandler, tta_output_transform
 
-__all__ = ["MetricsReport"]
+__all__ = ["GraTaHandler", "MetricsReport", "StreamReport", "TTAHandler", "tta_output_transform"]

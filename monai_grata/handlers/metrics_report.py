@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -15,16 +15,21 @@ from ignite.engine import Engine, Events
 __all__ = ["MetricsReport"]
 
 
-def _filenames(batch, key: str) -> list[str]:
-    """Image names of a collated batch (a dict) or of a decollated one (a list of dicts)."""
-    if isinstance(batch, dict):
-        names = (getattr(batch.get(key), "meta", None) or {}).get("filename_or_obj", [])
-        return [str(n) for n in names] if isinstance(names, (list, tuple)) else [str(names)]
-    return [str((getattr(item.get(key), "meta", None) or {}).get("filename_or_obj", "")) for item in batch]
+def _batch_values(batch, key: str) -> list[str]:
+    """Per-item values of ``key`` (a file name from tensor metadata, or a plain entry such as a domain name)
+    in a collated batch (a dict) or a decollated one (a list of dicts)."""
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    values: list[str] = []
+    for item in items:
+        value = item.get(key)
+        if isinstance(value, torch.Tensor):
+            value = (getattr(value, "meta", None) or {}).get("filename_or_obj", "")
+        values += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return values
 
 
 def _mean(values: torch.Tensor) -> tuple[float, int]:
-    """Mean of the finite values and the number of values left out (NaN: empty label; Inf: empty prediction)."""
+    """Mean of the finite values and the number left out (NaN: empty label; Inf: empty prediction)."""
     finite = values[torch.isfinite(values)]
     mean = float(finite.mean()) if finite.numel() else float("nan")
     return mean, int(values.numel() - finite.numel())
@@ -36,10 +41,10 @@ class MetricsReport:
     It reads the per-image details that MONAI's ``MeanDice`` and ``SurfaceDistance`` handlers keep
     (``save_details=True``), so attach it after them. At the end of the epoch it writes
     ``{output_dir}/{json_name}`` with ``dice_<c>``, ``assd_<c>`` for every channel name, ``dice_mean``,
-    ``assd_mean`` and ``n_images`` (ASSD means are over images where it is defined; ``n_assd_undefined``
-    counts the others, e.g. an empty prediction), writes ``{output_dir}/{csv_name}`` with one row per
-    image, and puts the summary into ``engine.state.metrics`` so that ``MLFlowHandler``/``StatsHandler``
-    attached after it log the finite values.
+    ``assd_mean`` and ``n_images`` (ASSD means are over the images where it is defined; ``n_assd_undefined``
+    counts the others, e.g. an empty prediction), the same per group as ``<group>/dice_mean`` etc. when
+    ``group_key`` is set, writes ``{output_dir}/{csv_name}`` with one row per image, and puts the summary
+    into ``engine.state.metrics`` so that ``MLFlowHandler``/``StatsHandler`` attached after it log it.
 
     Args:
         output_dir: the folder to write into (created if missing).
@@ -47,6 +52,7 @@ class MetricsReport:
         dice_name: the name of the Dice metric handler.
         assd_name: the name of the ASSD (symmetric SurfaceDistance) metric handler; ``None`` for none.
         image_key: the batch key whose metadata names the images.
+        group_key: an optional batch key (e.g. ``"domain"``) to summarise per group as well.
         json_name: the summary file name.
         csv_name: the per-image file name.
         extra: a callable returning more summary entries (e.g. the no-adapt scores of the same run).
@@ -59,15 +65,18 @@ class MetricsReport:
         dice_name: str = "dice",
         assd_name: str | None = "assd",
         image_key: str = "image",
+        group_key: str | None = None,
         json_name: str = "metrics.json",
         csv_name: str = "per_image.csv",
-        extra=None,
+        extra: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.output_dir, self.channel_names = output_dir, tuple(channel_names)
-        self.dice_name, self.assd_name, self.image_key = dice_name, assd_name, image_key
+        self.dice_name, self.assd_name, self.image_key, self.group_key = dice_name, assd_name, image_key, group_key
         self.json_name, self.csv_name, self.extra = json_name, csv_name, extra
         self.filenames: list[str] = []
+        self.groups: list[str] = []
         self.summary: dict[str, float] = {}
+        self.per_image: dict[str, torch.Tensor] = {}
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -76,10 +85,12 @@ class MetricsReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def _reset(self, engine: Engine) -> None:
-        self.filenames = []
+        self.filenames, self.groups = [], []
 
     def _collect(self, engine: Engine) -> None:
-        self.filenames += _filenames(engine.state.batch, self.image_key)
+        names = _batch_values(engine.state.batch, self.image_key)
+        self.filenames += names
+        self.groups += _batch_values(engine.state.batch, self.group_key) if self.group_key else [""] * len(names)
 
     def _details(self, engine: Engine, name: str | None) -> torch.Tensor | None:
         if name is None:
@@ -89,38 +100,48 @@ class MetricsReport:
             raise RuntimeError(f"no per-image details for metric {name!r}: attach its handler with save_details=True")
         return torch.as_tensor(details).float().reshape(len(self.filenames), -1).cpu()
 
-    def __call__(self, engine: Engine) -> None:
-        dice, assd = self._details(engine, self.dice_name), self._details(engine, self.assd_name)
+    def _summarise(self, rows: torch.Tensor) -> dict[str, float]:
         summary: dict[str, float] = {}
         for c, name in enumerate(self.channel_names):
-            summary[f"dice_{name}"] = _mean(dice[:, c])[0]
+            summary[f"dice_{name}"] = _mean(self.per_image["dice"][rows, c])[0]
         summary["dice_mean"] = sum(summary[f"dice_{n}"] for n in self.channel_names) / len(self.channel_names)
-        if assd is not None:
+        if "assd" in self.per_image:
             undefined = 0
             for c, name in enumerate(self.channel_names):
-                summary[f"assd_{name}"], left_out = _mean(assd[:, c])
+                summary[f"assd_{name}"], left_out = _mean(self.per_image["assd"][rows, c])
                 undefined += left_out
             summary["assd_mean"] = sum(summary[f"assd_{n}"] for n in self.channel_names) / len(self.channel_names)
             summary["n_assd_undefined"] = undefined
-        summary["n_images"] = len(self.filenames)
+        summary["n_images"] = int(rows.numel())
+        return summary
+
+    def __call__(self, engine: Engine) -> None:
+        self.per_image = {"dice": self._details(engine, self.dice_name)}
+        if self.assd_name is not None:
+            self.per_image["assd"] = self._details(engine, self.assd_name)
+        summary = self._summarise(torch.arange(len(self.filenames)))
+        if self.group_key:
+            for group in dict.fromkeys(self.groups):
+                rows = torch.tensor([i for i, g in enumerate(self.groups) if g == group])
+                summary.update({f"{group}/{k}": v for k, v in self._summarise(rows).items()})
         if self.extra is not None:
             summary.update(self.extra())
         self.summary = summary
-        self._write(dice, assd)
+        self._write()
         engine.state.metrics.update({k: v for k, v in summary.items() if math.isfinite(v)})
         if self.assd_name in engine.state.metrics and "assd_mean" in summary:
             engine.state.metrics[self.assd_name] = summary["assd_mean"]
         self.logger.info("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
 
-    def _write(self, dice: torch.Tensor, assd: torch.Tensor | None) -> None:
+    def _write(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, self.json_name), "w") as f:
             json.dump({k: (v if math.isfinite(v) else None) for k, v in self.summary.items()}, f, indent=2)
-        header = ["filename"] + [f"dice_{n}" for n in self.channel_names]
-        header += [f"assd_{n}" for n in self.channel_names] if assd is not None else []
+        header = ["filename"] + (["group"] if self.group_key else [])
+        header += [f"{m}_{n}" for m in self.per_image for n in self.channel_names]
         with open(os.path.join(self.output_dir, self.csv_name), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for i, name in enumerate(self.filenames):
-                row = dice[i].tolist() + (assd[i].tolist() if assd is not None else [])
-                writer.writerow([name] + [f"{v:.6f}" for v in row])
+                values = [f"{v:.6f}" for m in self.per_image for v in self.per_image[m][i].tolist()]
+                writer.writerow([name] + ([self.groups[i]] if self.group_key else []) + values)

@@ -1,6 +1,6 @@
 from .channels import EnsureImageChannels, EnsureImageChannelsd
 from .intensity import StrongIntensityAug, StrongIntensityAugd
-from .label import DiscCupFromLabel, DiscCupFromLabeld
+from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd
 from .views import WEAK_VIEWS, WeakViews, WeakViewsd
 
 __all__ = [
@@ -9,6 +9,8 @@ __all__ = [
     "DiscCupFromLabeld",
     "EnsureImageChannels",
     "EnsureImageChannelsd",
+    "LabelFromDiscCup",
+    "LabelFromDiscCupd",
     "StrongIntensityAug",
     "StrongIntensityAugd",
     "WeakViews",

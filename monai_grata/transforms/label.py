@@ -9,7 +9,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-__all__ = ["DiscCupFromLabel", "DiscCupFromLabeld"]
+__all__ = ["DiscCupFromLabel", "DiscCupFromLabeld", "LabelFromDiscCup", "LabelFromDiscCupd"]
 
 
 def _source_name(img: torch.Tensor) -> str:
@@ -76,4 +76,48 @@ class DiscCupFromLabeld(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
+        return d
+
+
+class LabelFromDiscCup(Transform):
+    """The inverse of :class:`DiscCupFromLabel`: binary [optic disc, optic cup] channels to one label map.
+
+    The output holds 0 background, 1 optic disc rim, 2 optic cup (cup pixels outside the disc count as
+    disc), the format of the input labels, as uint8 for writing PNG/NIfTI masks.
+    """
+
+    def __call__(self, channels: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            channels: a (2, *spatial) tensor of 0/1 values (thresholded predictions).
+
+        Returns:
+            A (1, *spatial) uint8 label map, keeping the input's metadata.
+        """
+        if channels.shape[0] != 2:
+            raise ValueError(f"expected 2 channels [optic disc, optic cup], got shape {tuple(channels.shape)}")
+        disc = channels[0] > 0.5
+        cup = channels[1] > 0.5
+        label = (disc | cup).to(torch.uint8) + cup.to(torch.uint8)
+        return label[None]
+
+
+class LabelFromDiscCupd(MapTransform):
+    """Dictionary version of :class:`LabelFromDiscCup`.
+
+    Args:
+        keys: keys of the channel tensors to convert.
+        output_keys: keys to write the label maps to (default: in place).
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = self.keys if output_keys is None else tuple([output_keys] if isinstance(output_keys, str) else output_keys)
+        self.converter = LabelFromDiscCup()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.converter(d[key])
         return d

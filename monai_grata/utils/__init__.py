@@ -1,3 +1,4 @@
 from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint
+from .run_config import export_run_config
 
-__all__ = ["best_checkpoint", "export_source_model", "latest_checkpoint"]
+__all__ = ["best_checkpoint", "export_run_config", "export_source_model", "latest_checkpoint"]

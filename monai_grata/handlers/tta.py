@@ -1,0 +1,123 @@
+"""Ignite glue: run a test-time adapter inside any MONAI evaluator, before its own forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from monai_grata.tta import TTAdapter, build_adapter
+
+__all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
+
+STATS_KEY = "tta"
+
+
+class TTAHandler:
+    """Adapt the evaluator's network on every batch, so its own forward, postprocessing and metrics see the
+    adapted weights.
+
+    At ``ITERATION_STARTED`` the handler prepares the batch with the evaluator's ``prepare_batch`` and runs
+    one adaptation step; the evaluator's forward then predicts with the updated weights, which is the
+    prediction step of the algorithm (no extra forward pass). The step's statistics are published as
+    ``engine.state.tta`` (0-dim tensors) and, after the forward, under ``"tta"`` in every decollated output
+    item, so ``StatsHandler``/``MLFlowHandler`` log them with ``output_transform=tta_output_transform``;
+    ``history`` keeps them for the whole stream. Attach it before the logging handlers.
+
+    Args:
+        adapter: a ready adapter whose ``model`` is the evaluator's network; or ``None`` to build one with
+            ``method`` and ``adapter_kwargs`` around ``network`` (default: the evaluator's network).
+        method: a registered adapter name, used when ``adapter`` is ``None``.
+        network: the network to adapt when building the adapter.
+        reset_key: a batch key (e.g. ``"domain"``): the adapter is reset to the source weights whenever its
+            value changes, so each target domain starts from the source model (continual within a domain).
+        adapter_kwargs: the adapter's constructor arguments.
+    """
+
+    def __init__(
+        self,
+        adapter: TTAdapter | None = None,
+        method: str = "grata",
+        network: nn.Module | None = None,
+        reset_key: str | None = None,
+        **adapter_kwargs: Any,
+    ) -> None:
+        self.adapter, self.method, self.network, self.adapter_kwargs = adapter, method, network, adapter_kwargs
+        self.reset_key = reset_key
+        self.history: list[dict[str, torch.Tensor]] = []
+        self._last_group: Any = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.adapter is None:
+            network = self.network if self.network is not None else engine.network
+            self.adapter = build_adapter(self.method, network, **self.adapter_kwargs)
+        if getattr(engine, "network", self.adapter.model) is not self.adapter.model:
+            raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")
+        engine.add_event_handler(Events.STARTED, self._reset_history)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.adapt)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.publish)
+
+    def _reset_history(self, engine: Engine) -> None:
+        self.history = []
+        self._last_group = None
+
+    def _maybe_reset(self, batch: Any) -> None:
+        group = batch.get(self.reset_key) if isinstance(batch, dict) else None
+        group = group[0] if isinstance(group, (list, tuple)) else group
+        if self._last_group is not None and group != self._last_group:
+            self.adapter.reset()
+        self._last_group = group
+
+    def adapt(self, engine: Engine) -> None:
+        """Prepare the batch as the evaluator will, and run one adaptation step on its images."""
+        if self.reset_key is not None:
+            self._maybe_reset(engine.state.batch)
+        prepared = engine.prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
+        stats = self.adapter.adapt_batch(prepared[0])
+        engine.state.tta = stats
+        self.history.append(stats)
+
+    def publish(self, engine: Engine) -> None:
+        """Add the step's statistics to every output item of the iteration."""
+        output = engine.state.output
+        for item in output if isinstance(output, (list, tuple)) else [output]:
+            if isinstance(item, dict):
+                item[STATS_KEY] = engine.state.tta
+
+
+class GraTaHandler(TTAHandler):
+    """:class:`TTAHandler` running :class:`~monai_grata.tta.GraTa`; keyword arguments go to ``GraTa``.
+
+    Example, in a user's own pipeline::
+
+        evaluator = SupervisedEvaluator(device, loader, network, postprocessing=post,
+                                        key_val_metric={"dice": MeanDice()},
+                                        val_handlers=[GraTaHandler(beta=1e-4), StatsHandler(
+                                            iteration_log=True, output_transform=tta_output_transform)])
+    """
+
+    def __init__(
+        self,
+        adapter: TTAdapter | None = None,
+        network: nn.Module | None = None,
+        reset_key: str | None = None,
+        **grata_kwargs: Any,
+    ) -> None:
+        super().__init__(adapter=adapter, method="grata", network=network, reset_key=reset_key, **grata_kwargs)
+
+
+def tta_output_transform(output: Any, keys: Sequence[str] | None = None) -> dict[str, float] | None:
+    """``output_transform`` for ``StatsHandler``/``MLFlowHandler``: the adaptation statistics as floats.
+
+    Args:
+        output: ``engine.state.output`` of an evaluator running a :class:`TTAHandler`.
+        keys: the statistics to keep (default: all).
+    """
+    item = output[0] if isinstance(output, (list, tuple)) and output else output
+    stats = item.get(STATS_KEY) if isinstance(item, dict) else None
+    if not stats:
+        return None
+    return {k: float(v) for k, v in stats.items() if keys is None or k in keys}
