@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from monai_grata.utils import best_checkpoint, export_source_model, latest_checkpoint
 
@@ -137,3 +139,65 @@ def test_network_in_out_verifies():
         "cpu",
     )
     assert run.returncode == 0 and "data shape of network is verified with no error" in run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def source_model(trained, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("model") / "source.pt")
+    export_source_model(trained[0], path)
+    return path
+
+
+def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path):
+    out = str(tmp_path / "inference")
+    run = bundle(
+        "run", "--config_file", config("inference.json"), "--ckpt_path", source_model, "--target", "drishti_gs",
+        "--output_dir", out, "--device", "cpu", "--image_size", "64", "--beta", "0.001",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images", "no_adapt_dice_mean"} <= set(metrics)
+    assert metrics["n_images"] == 8 and 0 <= metrics["dice_mean"] <= 1
+    masks = sorted(os.listdir(os.path.join(out, "masks")))
+    assert len(masks) == 8 and all(m.endswith("_mask.png") for m in masks)
+    mask = np.asarray(Image.open(os.path.join(out, "masks", masks[0])))
+    assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1, 2}
+    for name in ("config.json", "per_image.csv", "stream.png", "no_adapt_metrics.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["target"] == "drishti_gs"
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["grata_inference"])
+    assert len(runs) == 1
+    row = runs.iloc[0]
+    assert row["params.method"] == "grata" and row["params.target"] == "drishti_gs" and row["params.beta"] == "0.001"
+    assert row["metrics.dice_mean"] == pytest.approx(metrics["dice_mean"])
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(row["run_id"], "cos")) == 8
+    assert len(client.get_metric_history(row["run_id"], "stream/dice_od")) == 8
+    artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
+    assert {"config.json", "metrics.json", "per_image.csv", "stream.png"} <= artifacts
+
+
+def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
+    import nibabel as nib
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(2):
+        image = np.random.default_rng(i).random((50, 60, 3)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan{i}.nii.gz"))
+    out = str(tmp_path / "out")
+    run = bundle(
+        "run", "--config_file", config("inference.json"), "--ckpt_path", source_model, "--dataset_dir", str(folder),
+        "--output_dir", out, "--device", "cpu", "--image_size", "64",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    masks = sorted(os.listdir(os.path.join(out, "masks")))
+    assert masks == ["scan0_mask.nii.gz", "scan1_mask.nii.gz"]
+    assert nib.load(os.path.join(out, "masks", masks[0])).shape[:2] == (50, 60)
+    assert not os.path.exists(os.path.join(out, "metrics.json"))

@@ -51,16 +51,20 @@ class TTAHandler:
         self._last_group: Any = None
 
     def attach(self, engine: Engine) -> None:
-        if self.adapter is None:
-            network = self.network if self.network is not None else engine.network
-            self.adapter = build_adapter(self.method, network, **self.adapter_kwargs)
-        if getattr(engine, "network", self.adapter.model) is not self.adapter.model:
-            raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")
-        engine.add_event_handler(Events.STARTED, self._reset_history)
+        engine.add_event_handler(Events.STARTED, self._setup)
         engine.add_event_handler(Events.ITERATION_STARTED, self.adapt)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.publish)
 
-    def _reset_history(self, engine: Engine) -> None:
+    def _setup(self, engine: Engine) -> None:
+        """Build the adapter on the evaluator's network (MONAI sets it after attaching handlers)."""
+        network = getattr(engine, "network", None)
+        if self.adapter is None:
+            target = self.network if self.network is not None else network
+            if target is None:
+                raise ValueError("no network to adapt: pass `adapter` or `network`, or attach to a SupervisedEvaluator")
+            self.adapter = build_adapter(self.method, target, **self.adapter_kwargs)
+        if network is not None and network is not self.adapter.model:
+            raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")
         self.history = []
         self._last_group = None
 

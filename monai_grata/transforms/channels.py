@@ -14,7 +14,8 @@ __all__ = ["EnsureImageChannels", "EnsureImageChannelsd"]
 class EnsureImageChannels(Transform):
     """Check that a channel-first image has the channels the network expects, with a clear error.
 
-    A 2D NIfTI colour image loads as (1, H, W, C); it is moved to (C, H, W) here. Non-finite pixels
+    A 2D NIfTI colour image loads as (1, H, W, C); it is moved to (C, H, W) here (its metadata keeps the
+    file's 3-D layout, so a mask saved from it gets a trailing singleton axis, see ``inference.json``). Non-finite pixels
     are left as they are (the test-time adapters report and skip such images).
 
     Args:

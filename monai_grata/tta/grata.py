@@ -60,6 +60,8 @@ class GraTa(TTAdapter):
         multilabel: sigmoid multi-label outputs (fundus) or softmax multi-class outputs (False).
         views: the weak views, as :class:`~monai_grata.transforms.WeakViews` takes them.
         seed: seed of the default strong augmentation.
+        batch_views: forward the weak views as one batch with per-view BatchNorm statistics (True) or one
+            view at a time (False; same result, slower, for comparison).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class GraTa(TTAdapter):
         multilabel: bool = True,
         views: Sequence = WEAK_VIEWS,
         seed: int = 0,
+        batch_views: bool = True,
     ) -> None:
         for name, value in (("aux", aux), ("pseudo", pseudo)):
             if value not in LOSSES:
@@ -85,7 +88,7 @@ class GraTa(TTAdapter):
         if not beta > 0:
             raise ValueError(f"beta must be positive, got {beta}")
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
-        self.align, self.dynamic_lr, self.multilabel = align, dynamic_lr, multilabel
+        self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
         super().__init__(model, episodic=episodic)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
         self.views = WeakViews(views)
@@ -97,8 +100,12 @@ class GraTa(TTAdapter):
     @torch.no_grad()
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
         """Mean probability of the weak views of ``x``, mapped back to the original frame."""
-        with per_group_batch_norm(self.model, self.views.num_views):
-            logits = self.model(self.views(x))
+        stacked = self.views(x)
+        if self.batch_views:
+            with per_group_batch_norm(self.model, self.views.num_views):
+                logits = self.model(stacked)
+        else:
+            logits = torch.cat([self.model(view) for view in stacked.chunk(self.views.num_views)])
         return probabilities(self.views.inverse(logits), self.multilabel).mean(dim=0)
 
     def loss(self, name: str, x: torch.Tensor) -> torch.Tensor:
