@@ -151,8 +151,21 @@ def source_model(trained, tmp_path_factory):
 def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path):
     out = str(tmp_path / "inference")
     run = bundle(
-        "run", "--config_file", config("inference.json"), "--ckpt_path", source_model, "--target", "drishti_gs",
-        "--output_dir", out, "--device", "cpu", "--image_size", "64", "--beta", "0.001",
+        "run",
+        "--config_file",
+        config("inference.json"),
+        "--ckpt_path",
+        source_model,
+        "--target",
+        "drishti_gs",
+        "--output_dir",
+        out,
+        "--device",
+        "cpu",
+        "--image_size",
+        "64",
+        "--beta",
+        "0.001",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     with open(os.path.join(out, "metrics.json")) as f:
@@ -193,8 +206,19 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan{i}.nii.gz"))
     out = str(tmp_path / "out")
     run = bundle(
-        "run", "--config_file", config("inference.json"), "--ckpt_path", source_model, "--dataset_dir", str(folder),
-        "--output_dir", out, "--device", "cpu", "--image_size", "64",
+        "run",
+        "--config_file",
+        config("inference.json"),
+        "--ckpt_path",
+        source_model,
+        "--dataset_dir",
+        str(folder),
+        "--output_dir",
+        out,
+        "--device",
+        "cpu",
+        "--image_size",
+        "64",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     masks = sorted(os.listdir(os.path.join(out, "masks")))

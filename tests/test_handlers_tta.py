@@ -20,7 +20,9 @@ def loader(domains=("a", "a", "b", "b")):
 
 
 def evaluator(network, handlers):
-    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader(), network=network, val_handlers=handlers)
+    return SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=loader(), network=network, val_handlers=handlers
+    )
 
 
 def test_evaluator_forward_sees_adapted_weights():

@@ -111,9 +111,13 @@ class LabelFromDiscCupd(MapTransform):
         allow_missing_keys: do not raise when a key is absent.
     """
 
-    def __init__(self, keys: KeysCollection, output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self, keys: KeysCollection, output_keys: KeysCollection | None = None, allow_missing_keys: bool = False
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.output_keys = self.keys if output_keys is None else tuple([output_keys] if isinstance(output_keys, str) else output_keys)
+        self.output_keys = (
+            self.keys if output_keys is None else tuple([output_keys] if isinstance(output_keys, str) else output_keys)
+        )
         self.converter = LabelFromDiscCup()
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
