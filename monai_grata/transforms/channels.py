@@ -15,8 +15,8 @@ class EnsureImageChannels(Transform):
     """Check that a channel-first image has the channels the network expects, with a clear error.
 
     A 2D NIfTI colour image loads as (1, H, W, C); it is moved to (C, H, W) here (its metadata keeps the
-    file's 3-D layout, so a mask saved from it gets a trailing singleton axis, see ``inference.json``). Non-finite pixels
-    are left as they are (the test-time adapters report and skip such images).
+    file's 3-D layout, so a mask saved from it gets a trailing singleton axis, see ``inference.json``).
+    Non-finite pixels are left as they are (the test-time adapters report and skip such images).
 
     Args:
         in_channels: the number of channels the network takes.
