@@ -225,3 +225,67 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
     assert masks == ["scan0_mask.nii.gz", "scan1_mask.nii.gz"]
     assert nib.load(os.path.join(out, "masks", masks[0])).shape[:2] == (50, 60)
     assert not os.path.exists(os.path.join(out, "metrics.json"))
+
+
+@pytest.mark.parametrize("alignment,harmonization", [("adversarial", "gh++"), ("entropy", "gh")])
+def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonization):
+    out = str(tmp_path / "uda")
+    run = bundle(
+        "run",
+        "--config_file",
+        config("train_uda.json"),
+        "--ckpt_path",
+        source_model,
+        "--source",
+        "refuge_train",
+        "--target",
+        "drishti_gs",
+        "--alignment",
+        alignment,
+        "--harmonization",
+        harmonization,
+        "--lam",
+        "0.5",
+        "--epochs",
+        "1",
+        "--max_iterations",
+        "3",
+        "--batch_size",
+        "2",
+        "--image_size",
+        "64",
+        "--output_dir",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "tau1:" in log and "conflict:" in log and "val_mean_dice" in log
+    with open(os.path.join(out, "harmonization.json")) as f:
+        assert json.load(f)["iterations"] == 3
+    assert os.path.isfile(os.path.join(out, "inner_products.png"))
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    row = mlflow.search_runs(experiment_names=["grata_uda"]).iloc[0]
+    assert row["params.harmonization"] == harmonization and row["params.alignment"] == alignment
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(row["run_id"], "tau1")) == 3
+    assert len(client.get_metric_history(row["run_id"], "val_mean_dice")) == 1
+
+
+def test_train_uda_rejects_unknown_alignment(source_model, tmp_path):
+    run = bundle(
+        "run",
+        "--config_file",
+        config("train_uda.json"),
+        "--ckpt_path",
+        source_model,
+        "--alignment",
+        "mmd",
+        "--output_dir",
+        str(tmp_path / "uda"),
+    )
+    assert run.returncode != 0 and "alignment must be adversarial or entropy" in run.stderr

@@ -1,3 +1,4 @@
+from .uda_trainer import UDATrainer
 from .utils import ChannelsLastPrepareBatch, channel_output
 
-__all__ = ["ChannelsLastPrepareBatch", "channel_output"]
+__all__ = ["ChannelsLastPrepareBatch", "UDATrainer", "channel_output"]

@@ -1,5 +1,15 @@
+from .harmonization import HARMONIZATION_KEYS, HarmonizationReport, harmonization_output_transform
 from .metrics_report import MetricsReport
 from .stream_report import StreamReport
 from .tta import GraTaHandler, TTAHandler, tta_output_transform
 
-__all__ = ["GraTaHandler", "MetricsReport", "StreamReport", "TTAHandler", "tta_output_transform"]
+__all__ = [
+    "HARMONIZATION_KEYS",
+    "GraTaHandler",
+    "HarmonizationReport",
+    "MetricsReport",
+    "StreamReport",
+    "TTAHandler",
+    "harmonization_output_transform",
+    "tta_output_transform",
+]
