@@ -24,6 +24,16 @@ def config(name: str) -> str:
     return os.path.join(CONFIG_DIR, name)
 
 
+def mlflow_runs(output_dir: str, experiment: str):
+    """The runs of ``experiment`` in ``output_dir/mlflow.db`` and a client bound to that store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output_dir}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r} in {output_dir}"
+    return client.search_runs([found.experiment_id]), client
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two iterations of train.json on the shipped sample, then one more epoch resumed from its checkpoint."""
@@ -181,18 +191,14 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["target"] == "drishti_gs"
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["grata_inference"])
+    runs, client = mlflow_runs(out, "grata_inference")
     assert len(runs) == 1
-    row = runs.iloc[0]
-    assert row["params.method"] == "grata" and row["params.target"] == "drishti_gs" and row["params.beta"] == "0.001"
-    assert row["metrics.dice_mean"] == pytest.approx(metrics["dice_mean"])
-    client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(row["run_id"], "cos")) == 8
-    assert len(client.get_metric_history(row["run_id"], "stream/dice_od")) == 8
-    artifacts = {a.path for a in client.list_artifacts(row["run_id"])}
+    run_id, params = runs[0].info.run_id, runs[0].data.params
+    assert params["method"] == "grata" and params["target"] == "drishti_gs" and params["beta"] == "0.001"
+    assert runs[0].data.metrics["dice_mean"] == pytest.approx(metrics["dice_mean"])
+    assert len(client.get_metric_history(run_id, "cos")) == 8
+    assert len(client.get_metric_history(run_id, "stream/dice_od")) == 8
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "metrics.json", "per_image.csv", "stream.png"} <= artifacts
 
 
@@ -266,14 +272,11 @@ def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonizati
         assert json.load(f)["iterations"] == 3
     assert os.path.isfile(os.path.join(out, "inner_products.png"))
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
-    row = mlflow.search_runs(experiment_names=["grata_uda"]).iloc[0]
-    assert row["params.harmonization"] == harmonization and row["params.alignment"] == alignment
-    client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(row["run_id"], "tau1")) == 3
-    assert len(client.get_metric_history(row["run_id"], "val_mean_dice")) == 1
+    runs, client = mlflow_runs(out, "grata_uda")
+    params = runs[0].data.params
+    assert params["harmonization"] == harmonization and params["alignment"] == alignment
+    assert len(client.get_metric_history(runs[0].info.run_id, "tau1")) == 3
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 1
 
 
 def test_train_uda_rejects_unknown_alignment(source_model, tmp_path):
