@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from monai_grata.utils import best_checkpoint, export_source_model, latest_checkpoint
+from monai_grata.utils.compare_runs import collect_runs, format_table
 
 from .conftest import CONFIG_DIR, REPO_ROOT
 
@@ -198,6 +199,8 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert runs[0].data.metrics["dice_mean"] == pytest.approx(metrics["dice_mean"])
     assert len(client.get_metric_history(run_id, "cos")) == 8
     assert len(client.get_metric_history(run_id, "stream/dice_od")) == 8
+    table = format_table(collect_runs([out], "grata_inference"), ["method", "target"], ["dice_mean"])
+    assert "| grata | drishti_gs |" in table and f"{metrics['dice_mean']:.4f}" in table
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "metrics.json", "per_image.csv", "stream.png"} <= artifacts
 

@@ -1,0 +1,76 @@
+"""Compare MLflow runs of monai-grata (inference, evaluation, training) side by side.
+
+python -m monai_grata.utils.compare_runs outputs/inference outputs/inference_tent --metrics dice_mean no_adapt_dice_mean
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Sequence
+
+__all__ = ["collect_runs", "format_table"]
+
+DEFAULT_PARAMS = ("method", "source", "target", "alignment", "harmonization", "beta", "seed", "image_size")
+DEFAULT_METRICS = ("dice_od", "dice_oc", "dice_mean", "no_adapt_dice_mean", "assd_mean", "val_mean_dice")
+
+
+def _tracking_uri(location: str) -> str:
+    if "://" in location:
+        return location
+    path = os.path.join(location, "mlflow.db") if os.path.isdir(location) else location
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no MLflow store at {path!r}")
+    return f"sqlite:///{os.path.abspath(path)}"
+
+
+def collect_runs(locations: Sequence[str], experiment: str | None = None) -> list[dict]:
+    """One dict per run (``run_name``, ``params.*``, ``metrics.*``) from each store, optionally one experiment.
+
+    Args:
+        locations: output folders holding ``mlflow.db``, ``.db`` files, or tracking URIs.
+        experiment: an experiment name to keep (default: all).
+    """
+    from mlflow import MlflowClient
+
+    rows = []
+    for location in locations:
+        client = MlflowClient(tracking_uri=_tracking_uri(location))
+        experiments = client.search_experiments()
+        ids = [e.experiment_id for e in experiments if experiment is None or e.name == experiment]
+        for run in client.search_runs(ids) if ids else []:
+            row = {"store": location, "run_name": run.info.run_name}
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict], params: Sequence[str], metrics: Sequence[str]) -> str:
+    """A markdown table of the given params and metrics (columns no run has are left out)."""
+    params = [p for p in params if any(f"params.{p}" in r for r in rows)]
+    metrics = [m for m in metrics if any(f"metrics.{m}" in r for r in rows)]
+    header = ["run", *params, *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        values = [str(r.get("run_name", ""))] + [str(r.get(f"params.{p}", "")) for p in params]
+        for m in metrics:
+            v = r.get(f"metrics.{m}")
+            values.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Compare monai-grata MLflow runs.")
+    parser.add_argument("locations", nargs="+", help="output folders with mlflow.db, .db files or tracking URIs")
+    parser.add_argument("--experiment", default=None, help="keep only this experiment")
+    parser.add_argument("--params", nargs="*", default=list(DEFAULT_PARAMS))
+    parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
+    args = parser.parse_args()
+    print(format_table(collect_runs(args.locations, args.experiment), args.params, args.metrics))
+
+
+if __name__ == "__main__":
+    main()
