@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -53,18 +55,23 @@ def export_run_config(path: str, config_file: str | None = None, argv: Sequence[
         argv: the command line; default ``sys.argv``.
 
     Returns:
-        ``path``.
+        ``path``. When no config file is given and the command line names none (a bundle run started from
+        Python rather than ``python -m monai.bundle``), the file records only the command line, with a warning.
     """
-    files, overrides = _command_line_overrides(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    files, overrides = _command_line_overrides(argv)
     files = [config_file] if config_file is not None else files
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if not files:
-        raise ValueError("no config file given and none on the command line")
+        logging.getLogger(__name__).warning("no --config_file on the command line: %s records the command only", path)
+        with open(path, "w") as f:
+            json.dump({"argv": argv}, f, indent=4)
+        return path
     parser = ConfigParser()
     parser.read_config(files)
     for key, value in overrides.items():
         if key in ("meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking", "args_file"):
             continue
         parser[key.replace("#", "::")] = value
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ConfigParser.export_config_file(parser.get(), path, fmt="json", indent=4)
     return path
