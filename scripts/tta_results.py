@@ -1,0 +1,95 @@
+"""docs/results.md: No Adapt, TENT and GraTa (with the Table 2 ablations) for every source -> target pair.
+
+    python scripts/tta_results.py --dataset_dir ../shared/data/fundus --out outputs/tta_results
+
+Each cell is one `python -m monai.bundle run --config_file bundles/grata/configs/inference.json` run on all
+images of the target domain (continual within the domain, model rebuilt from the source checkpoint), seed 0.
+No Adapt is the source model scored in the same run as GraTa. Finished cells (metrics.json present) are
+reused, so the script can be stopped and restarted. Prints markdown tables (OD, OC, mean Dice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
+# name -> inference.json overrides (Table 2 of the paper: objective at theta or theta', fixed or dynamic lr)
+METHODS = {
+    "TENT": ["--method", "tent", "--tent_lr", "0.0001"],
+    "L_con(θ), lr β": ["--method", "grata", "--align", "False", "--dynamic_lr", "False"],
+    "L_con(θ'), lr β": ["--method", "grata", "--align", "True", "--dynamic_lr", "False"],
+    "GraTa (L_con(θ'), lr η)": ["--method", "grata"],
+}
+
+
+def run_cell(args: argparse.Namespace, source: str, target: str, name: str, overrides: list[str]) -> dict:
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+    output_dir = os.path.join(args.out, f"{source}_to_{target}", slug)
+    metrics_path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(metrics_path):
+        command = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "bundles/grata/configs/inference.json",
+            "--dataset_dir",
+            args.dataset_dir,
+            "--datalist",
+            args.datalist,
+            "--source",
+            source,
+            "--target",
+            target,
+            "--output_dir",
+            output_dir,
+            "--device",
+            args.device,
+            "--seed",
+            str(args.seed),
+            *overrides,
+        ]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", default="../shared/data/fundus")
+    parser.add_argument("--datalist", default=None, help="default: DATASET_DIR/datalist.json")
+    parser.add_argument("--out", default="outputs/tta_results")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    args = parser.parse_args()
+    args.datalist = args.datalist or os.path.join(args.dataset_dir, "datalist.json")
+    pairs = [
+        (s, t) for s in DOMAINS for t in DOMAINS if s != t and os.path.isfile(f"bundles/grata/models/source_{s}.pt")
+    ]
+    rows: dict[str, list[dict]] = {"No Adapt": []}
+    for source, target in pairs:
+        for name in args.methods:
+            metrics = run_cell(args, source, target, name, METHODS[name])
+            rows.setdefault(name, []).append(metrics)
+            if name == args.methods[-1] and "no_adapt_dice_mean" in metrics:
+                rows["No Adapt"].append(
+                    {k[len("no_adapt_") :]: v for k, v in metrics.items() if k.startswith("no_adapt_")}
+                )
+    header = " | ".join(f"{s}→{t}" for s, t in pairs)
+    print(f"| method | {header} | average |\n|---|" + "---|" * (len(pairs) + 1))
+    for name, results in rows.items():
+        if len(results) != len(pairs):
+            continue
+        cells = [f"{m['dice_od']:.3f} / {m['dice_oc']:.3f} / **{m['dice_mean']:.3f}**" for m in results]
+        average = sum(m["dice_mean"] for m in results) / len(results)
+        print(f"| {name} | " + " | ".join(cells) + f" | {average:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
