@@ -295,3 +295,19 @@ def test_train_uda_rejects_unknown_alignment(source_model, tmp_path):
         str(tmp_path / "uda"),
     )
     assert run.returncode != 0 and "alignment must be adversarial or entropy" in run.stderr
+
+
+@pytest.mark.parametrize("name", ["train.json", "train_uda.json"])
+def test_training_loss_is_sigmoid_dice_plus_per_channel_bce(name):
+    import torch
+    import torch.nn.functional as F
+    from monai.bundle import ConfigParser
+    from monai.losses import DiceLoss
+
+    parser = ConfigParser()
+    parser.read_config(config(name))
+    loss = parser.get_parsed_content("loss")
+    logits, target = torch.randn(2, 2, 8, 8), (torch.rand(2, 2, 8, 8) > 0.5).float()
+    target[:, 1] *= target[:, 0]  # nested: the cup lies inside the disc
+    expected = DiceLoss(sigmoid=True)(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(loss(logits, target), expected)
