@@ -10,42 +10,19 @@ metrics.json is kept under --out); the table is printed as markdown. Cells whose
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
+
+from monai_grata.utils import run_bundle_once
 
 DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
 
 
 def evaluate(dataset_dir: str, datalist: str, source: str, target: str, out: str, device: str) -> dict:
     """Run evaluate.json for one source model on one target domain (skipped when its metrics.json exists)."""
-    output_dir = os.path.join(out, f"{source}_to_{target}")
-    metrics_path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(metrics_path):
-        command = [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "bundles/grata/configs/evaluate.json",
-            "--dataset_dir",
-            dataset_dir,
-            "--datalist",
-            datalist,
-            "--source",
-            source,
-            "--target",
-            target,
-            "--output_dir",
-            output_dir,
-            "--device",
-            device,
-        ]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    with open(metrics_path) as f:
-        return json.load(f)
+    return run_bundle_once(
+        "bundles/grata/configs/evaluate.json", os.path.join(out, f"{source}_to_{target}"),
+        dataset_dir=dataset_dir, datalist=datalist, source=source, target=target, device=device,
+    )  # fmt: skip
 
 
 def main() -> None:

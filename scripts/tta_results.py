@@ -11,52 +11,27 @@ reused, so the script can be stopped and restarted. Prints markdown tables (OD, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
+
+from monai_grata.utils import run_bundle_once
 
 DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
 # name -> inference.json overrides (Table 2 of the paper: objective at theta or theta', fixed or dynamic lr)
 METHODS = {
-    "TENT": ["--method", "tent", "--tent_lr", "0.0001"],
-    "L_con(θ), lr β": ["--method", "grata", "--align", "False", "--dynamic_lr", "False"],
-    "L_con(θ'), lr β": ["--method", "grata", "--align", "True", "--dynamic_lr", "False"],
-    "GraTa (L_con(θ'), lr η)": ["--method", "grata"],
+    "TENT": {"method": "tent", "tent_lr": 0.0001},
+    "L_con(θ), lr β": {"method": "grata", "align": False, "dynamic_lr": False},
+    "L_con(θ'), lr β": {"method": "grata", "align": True, "dynamic_lr": False},
+    "GraTa (L_con(θ'), lr η)": {"method": "grata"},
 }
 
 
-def run_cell(args: argparse.Namespace, source: str, target: str, name: str, overrides: list[str]) -> dict:
+def run_cell(args: argparse.Namespace, source: str, target: str, name: str, overrides: dict) -> dict:
     slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
-    output_dir = os.path.join(args.out, f"{source}_to_{target}", slug)
-    metrics_path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(metrics_path):
-        command = [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            "bundles/grata/configs/inference.json",
-            "--dataset_dir",
-            args.dataset_dir,
-            "--datalist",
-            args.datalist,
-            "--source",
-            source,
-            "--target",
-            target,
-            "--output_dir",
-            output_dir,
-            "--device",
-            args.device,
-            "--seed",
-            str(args.seed),
-            *overrides,
-        ]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(metrics_path) as f:
-        return json.load(f)
+    return run_bundle_once(
+        "bundles/grata/configs/inference.json", os.path.join(args.out, f"{source}_to_{target}", slug),
+        dataset_dir=args.dataset_dir, datalist=args.datalist, source=source, target=target, device=args.device,
+        seed=args.seed, **overrides,
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -25,6 +25,23 @@ def config(name: str) -> str:
     return os.path.join(CONFIG_DIR, name)
 
 
+def run_config(name: str, **overrides) -> subprocess.CompletedProcess:
+    """``monai.bundle run`` of ``configs/name`` with ``--key value`` overrides (CPU unless overridden)."""
+    overrides.setdefault("device", "cpu")
+    args = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    return bundle("run", "--config_file", config(name), *args)
+
+
+def assert_ok(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout + run.stderr
+
+
+def read_json(*parts: str) -> dict:
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
 def mlflow_runs(output_dir: str, experiment: str):
     """The runs of ``experiment`` in ``output_dir/mlflow.db`` and a client bound to that store."""
     from mlflow import MlflowClient
@@ -35,27 +52,24 @@ def mlflow_runs(output_dir: str, experiment: str):
     return client.search_runs([found.experiment_id]), client
 
 
+SMALL = {"image_size": 64}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two iterations of train.json on the shipped sample, then one more epoch resumed from its checkpoint."""
     out = str(tmp_path_factory.mktemp("train"))
-    common = [
-        "--output_dir",
-        out,
-        "--device",
-        "cpu",
-        "--image_size",
-        "64",
-        "--batch_size",
-        "2",
-        "--max_iterations",
-        "2",
-    ]
-    first = bundle("run", "--config_file", config("train.json"), "--source", "drishti_gs", "--epochs", "1", *common)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = bundle("run", "--config_file", config("train.json"), "--source", "drishti_gs", "--epochs", "2", *common)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return out, first.stdout + first.stderr, resumed.stdout + resumed.stderr
+    common = {"source": "drishti_gs", "output_dir": out, "batch_size": 2, "max_iterations": 2, **SMALL}
+    first = assert_ok(run_config("train.json", epochs=1, **common))
+    resumed = assert_ok(run_config("train.json", epochs=2, **common))
+    return out, first, resumed
+
+
+@pytest.fixture(scope="module")
+def source_model(trained, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("model") / "source.pt")
+    export_source_model(trained[0], path)
+    return path
 
 
 def test_train_runs_validates_and_resumes(trained):
@@ -67,28 +81,10 @@ def test_train_runs_validates_and_resumes(trained):
     assert os.path.isfile(os.path.join(out, "mlflow.db"))
 
 
-def test_evaluate_on_sample(trained, tmp_path):
-    model = str(tmp_path / "source.pt")
-    export_source_model(trained[0], model)
+def test_evaluate_on_sample(source_model, tmp_path):
     out = str(tmp_path / "eval")
-    run = bundle(
-        "run",
-        "--config_file",
-        config("evaluate.json"),
-        "--target",
-        "refuge_val",
-        "--ckpt_path",
-        model,
-        "--output_dir",
-        out,
-        "--device",
-        "cpu",
-        "--image_size",
-        "64",
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
+    assert_ok(run_config("evaluate.json", target="refuge_val", ckpt_path=source_model, output_dir=out, **SMALL))
+    metrics = read_json(out, "metrics.json")
     assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images"} <= set(metrics)
     assert metrics["n_images"] == 8
     assert 0.0 <= metrics["dice_od"] <= 1.0 and 0.0 <= metrics["dice_oc"] <= 1.0
@@ -98,89 +94,37 @@ def test_evaluate_on_sample(trained, tmp_path):
 
 
 def test_evaluate_missing_checkpoint_is_named(tmp_path):
-    run = bundle(
-        "run",
-        "--config_file",
-        config("evaluate.json"),
-        "--ckpt_path",
-        str(tmp_path / "nothing.pt"),
-        "--output_dir",
-        str(tmp_path / "eval"),
-    )
+    run = run_config("evaluate.json", ckpt_path=tmp_path / "nothing.pt", output_dir=tmp_path / "eval")
     assert run.returncode != 0
     assert "checkpoint not found" in run.stderr and "nothing.pt" in run.stderr
 
 
 def test_train_empty_dataset_is_reported(tmp_path):
     (tmp_path / "site" / "images").mkdir(parents=True)
-    run = bundle(
-        "run",
-        "--config_file",
-        config("train.json"),
-        "--dataset_dir",
-        str(tmp_path),
-        "--source",
-        "site",
-        "--output_dir",
-        str(tmp_path / "out"),
-    )
+    run = run_config("train.json", dataset_dir=tmp_path, source="site", output_dir=tmp_path / "out")
     assert run.returncode != 0 and "empty dataset" in run.stderr
 
 
 def test_metadata_verifies_offline():
-    run = bundle(
-        "verify_metadata",
-        "--meta_file",
-        config("metadata.json"),
-        "--filepath",
-        os.path.join(REPO_ROOT, "bundles", "grata", "docs", "metadata_schema.json"),
-    )
+    schema = os.path.join(REPO_ROOT, "bundles", "grata", "docs", "metadata_schema.json")
+    run = bundle("verify_metadata", "--meta_file", config("metadata.json"), "--filepath", schema)
     assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr
 
 
 def test_network_in_out_verifies():
     run = bundle(
-        "verify_net_in_out",
-        "network_def",
-        "--meta_file",
-        config("metadata.json"),
-        "--config_file",
-        config("evaluate.json"),
-        "--device",
-        "cpu",
-    )
+        "verify_net_in_out", "network_def", "--meta_file", config("metadata.json"),
+        "--config_file", config("evaluate.json"), "--device", "cpu",
+    )  # fmt: skip
     assert run.returncode == 0 and "data shape of network is verified with no error" in run.stdout + run.stderr
-
-
-@pytest.fixture(scope="module")
-def source_model(trained, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("model") / "source.pt")
-    export_source_model(trained[0], path)
-    return path
 
 
 def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path):
     out = str(tmp_path / "inference")
-    run = bundle(
-        "run",
-        "--config_file",
-        config("inference.json"),
-        "--ckpt_path",
-        source_model,
-        "--target",
-        "drishti_gs",
-        "--output_dir",
-        out,
-        "--device",
-        "cpu",
-        "--image_size",
-        "64",
-        "--beta",
-        "0.001",
+    assert_ok(
+        run_config("inference.json", ckpt_path=source_model, target="drishti_gs", output_dir=out, beta=0.001, **SMALL)
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
+    metrics = read_json(out, "metrics.json")
     assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images", "no_adapt_dice_mean"} <= set(metrics)
     assert metrics["n_images"] == 8 and 0 <= metrics["dice_mean"] <= 1
     masks = sorted(os.listdir(os.path.join(out, "masks")))
@@ -189,8 +133,7 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1, 2}
     for name in ("config.json", "per_image.csv", "stream.png", "no_adapt_metrics.json"):
         assert os.path.isfile(os.path.join(out, name)), name
-    with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["target"] == "drishti_gs"
+    assert read_json(out, "config.json")["target"] == "drishti_gs"
 
     runs, client = mlflow_runs(out, "grata_inference")
     assert len(runs) == 1
@@ -214,22 +157,7 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
         image = np.random.default_rng(i).random((50, 60, 3)).astype(np.float32)
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan{i}.nii.gz"))
     out = str(tmp_path / "out")
-    run = bundle(
-        "run",
-        "--config_file",
-        config("inference.json"),
-        "--ckpt_path",
-        source_model,
-        "--dataset_dir",
-        str(folder),
-        "--output_dir",
-        out,
-        "--device",
-        "cpu",
-        "--image_size",
-        "64",
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert_ok(run_config("inference.json", ckpt_path=source_model, dataset_dir=folder, output_dir=out, **SMALL))
     masks = sorted(os.listdir(os.path.join(out, "masks")))
     assert masks == ["scan0_mask.nii.gz", "scan1_mask.nii.gz"]
     assert nib.load(os.path.join(out, "masks", masks[0])).shape[:2] == (50, 60)
@@ -239,42 +167,15 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
 @pytest.mark.parametrize("alignment,harmonization", [("adversarial", "gh++"), ("entropy", "gh")])
 def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonization):
     out = str(tmp_path / "uda")
-    run = bundle(
-        "run",
-        "--config_file",
-        config("train_uda.json"),
-        "--ckpt_path",
-        source_model,
-        "--source",
-        "refuge_train",
-        "--target",
-        "drishti_gs",
-        "--alignment",
-        alignment,
-        "--harmonization",
-        harmonization,
-        "--lam",
-        "0.5",
-        "--epochs",
-        "1",
-        "--max_iterations",
-        "3",
-        "--batch_size",
-        "2",
-        "--image_size",
-        "64",
-        "--output_dir",
-        out,
-        "--device",
-        "cpu",
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    log = run.stdout + run.stderr
+    log = assert_ok(
+        run_config(
+            "train_uda.json", ckpt_path=source_model, source="refuge_train", target="drishti_gs", alignment=alignment,
+            harmonization=harmonization, lam=0.5, epochs=1, max_iterations=3, batch_size=2, output_dir=out, **SMALL,
+        )
+    )  # fmt: skip
     assert "tau1:" in log and "conflict:" in log and "val_mean_dice" in log
-    with open(os.path.join(out, "harmonization.json")) as f:
-        assert json.load(f)["iterations"] == 3
+    assert read_json(out, "harmonization.json")["iterations"] == 3
     assert os.path.isfile(os.path.join(out, "inner_products.png"))
-
     runs, client = mlflow_runs(out, "grata_uda")
     params = runs[0].data.params
     assert params["harmonization"] == harmonization and params["alignment"] == alignment
@@ -283,17 +184,7 @@ def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonizati
 
 
 def test_train_uda_rejects_unknown_alignment(source_model, tmp_path):
-    run = bundle(
-        "run",
-        "--config_file",
-        config("train_uda.json"),
-        "--ckpt_path",
-        source_model,
-        "--alignment",
-        "mmd",
-        "--output_dir",
-        str(tmp_path / "uda"),
-    )
+    run = run_config("train_uda.json", ckpt_path=source_model, alignment="mmd", output_dir=tmp_path / "uda")
     assert run.returncode != 0 and "alignment must be adversarial or entropy" in run.stderr
 
 
