@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
@@ -61,15 +60,3 @@ def export_source_model(train_dir: str, out_path: str) -> str:
         raise FileNotFoundError(f"no key-metric checkpoint (*key_metric=*.pt) in {train_dir!r}")
     save_half_precision(torch.load(best, map_location="cpu", weights_only=True), out_path)
     return best
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Export the best checkpoint of a train.json run (half precision).")
-    parser.add_argument("train_dir", help="the output_dir of the training run")
-    parser.add_argument("out_path", help="the .pt file to write")
-    args = parser.parse_args()
-    print(f"exported {export_source_model(args.train_dir, args.out_path)} -> {args.out_path}")
-
-
-if __name__ == "__main__":
-    main()
