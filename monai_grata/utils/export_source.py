@@ -1,6 +1,6 @@
 """Export the best checkpoint of a train.json run as a shipped, half-precision source model.
 
-    python -m monai_grata.utils.export_source outputs/train_refuge_train bundles/grata/models/source_refuge_train.pt
+python -m monai_grata.utils.export_source outputs/train_refuge_train bundles/grata/models/source_refuge_train.pt
 """
 
 from __future__ import annotations
