@@ -2,7 +2,12 @@ import pytest
 import torch
 from monai.networks.nets import PatchDiscriminator
 
-from monai_grata.losses import AdversarialAlignmentLoss, EntropyAlignmentLoss, discriminator_loss
+from monai_grata.losses import (
+    AdversarialAlignmentLoss,
+    EntropyAlignmentLoss,
+    build_alignment_loss,
+    discriminator_loss,
+)
 
 
 def test_entropy_alignment_is_normalised():
@@ -25,3 +30,12 @@ def test_adversarial_alignment_trains_only_the_segmenter():
     d_loss = discriminator_loss(loss, torch.randn(2, 2, 32, 32), target_logits)
     d_loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
+
+
+def test_build_alignment_loss():
+    adversarial = build_alignment_loss("adversarial", out_channels=2, weight=0.1)
+    assert isinstance(adversarial, AdversarialAlignmentLoss) and adversarial.weight == 0.1
+    assert isinstance(adversarial.discriminator, PatchDiscriminator)
+    assert isinstance(build_alignment_loss("entropy"), EntropyAlignmentLoss)
+    with pytest.raises(ValueError, match="alignment must be adversarial or entropy, got 'mmd'"):
+        build_alignment_loss("mmd")

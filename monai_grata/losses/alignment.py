@@ -6,13 +6,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
-__all__ = ["AdversarialAlignmentLoss", "EntropyAlignmentLoss", "discriminator_loss"]
+from monai_grata.tta.losses import probabilities
 
+__all__ = [
+    "ALIGNMENTS",
+    "AdversarialAlignmentLoss",
+    "EntropyAlignmentLoss",
+    "build_alignment_loss",
+    "discriminator_loss",
+]
 
-def _probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+ALIGNMENTS = ("adversarial", "entropy")
 
 
 class EntropyAlignmentLoss(nn.Module):
@@ -64,7 +71,7 @@ class AdversarialAlignmentLoss(nn.Module):
         self.discriminator, self.multilabel, self.weight = discriminator, multilabel, weight
 
     def discriminate(self, logits: torch.Tensor) -> torch.Tensor:
-        out = self.discriminator(_probabilities(logits, self.multilabel))
+        out = self.discriminator(probabilities(logits, self.multilabel))
         return out[-1] if isinstance(out, (list, tuple)) else out
 
     def forward(self, target_logits: torch.Tensor) -> torch.Tensor:
@@ -94,3 +101,29 @@ def discriminator_loss(
         F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
         + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
     ) / 2
+
+
+def build_alignment_loss(
+    name: str, out_channels: int = 2, spatial_dims: int = 2, weight: float = 1.0, multilabel: bool = True
+) -> nn.Module:
+    """The alignment loss called ``name``: ``"adversarial"`` (with a new MONAI ``PatchDiscriminator`` on the
+    ``out_channels`` probability maps, reachable as ``.discriminator``) or ``"entropy"``.
+
+    Args:
+        name: ``"adversarial"`` or ``"entropy"``.
+        out_channels: output channels of the segmentation network (the discriminator's input channels).
+        spatial_dims: 2 or 3.
+        weight: the loss weight (lambda_adv / lambda_ent).
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if name == "adversarial":
+        discriminator = PatchDiscriminator(
+            spatial_dims=spatial_dims, channels=64, in_channels=out_channels, num_layers_d=3
+        )
+        return AdversarialAlignmentLoss(discriminator, multilabel=multilabel, weight=weight)
+    if name == "entropy":
+        return EntropyAlignmentLoss(multilabel=multilabel, weight=weight)
+    raise ValueError(f"alignment must be adversarial or entropy, got {name!r}")
