@@ -3,7 +3,8 @@
     python scripts/tta_results.py --dataset_dir ../shared/data/fundus --out outputs/tta_results
 
 Each cell is one `python -m monai.bundle run --config_file bundles/grata/configs/inference.json` run on all
-images of the target domain (continual within the domain, model rebuilt from the source checkpoint), seed 0.
+images of the target domain, or its first `--max_images` in datalist order (continual within the domain, model
+rebuilt from the source checkpoint), seed 0.
 No Adapt is the source model scored in the same run as GraTa. Finished cells (metrics.json present) are
 reused, so the script can be stopped and restarted. Prints markdown tables (OD, OC, mean Dice).
 """
@@ -30,7 +31,7 @@ def run_cell(args: argparse.Namespace, source: str, target: str, name: str, over
     return run_bundle_once(
         "bundles/grata/configs/inference.json", os.path.join(args.out, f"{source}_to_{target}", slug),
         dataset_dir=args.dataset_dir, datalist=args.datalist, source=source, target=target, device=args.device,
-        seed=args.seed, **overrides,
+        seed=args.seed, **({"max_images": args.max_images} if args.max_images else {}), **overrides,
     )  # fmt: skip
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--max_images", type=int, default=None, help="first N images of each target (default: all)")
     args = parser.parse_args()
     args.datalist = args.datalist or os.path.join(args.dataset_dir, "datalist.json")
     pairs = [

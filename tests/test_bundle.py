@@ -181,6 +181,28 @@ def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonizati
     assert params["harmonization"] == harmonization and params["alignment"] == alignment
     assert len(client.get_metric_history(runs[0].info.run_id, "tau1")) == 3
     assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 1
+    metrics = read_json(out, "metrics.json")
+    assert metrics["iterations"] == 3 and metrics["n_images"] == 4  # half of the 8 sample images is held out
+    assert 0.0 <= metrics["dice_mean"] <= 1.0
+    assert metrics["dice_mean"] == read_json(out, "target_metrics.json")["dice_mean"]
+
+
+def test_train_uda_resume_keeps_the_inner_product_history(source_model, tmp_path):
+    out = str(tmp_path / "uda")
+    common = {"ckpt_path": source_model, "alignment": "entropy", "max_iterations": 2, "batch_size": 2, **SMALL}
+    assert_ok(run_config("train_uda.json", epochs=1, output_dir=out, **common))
+    assert_ok(run_config("train_uda.json", epochs=2, output_dir=out, **common))
+    assert read_json(out, "harmonization.json")["iterations"] == 4
+    assert read_json(out, "metrics.json")["iterations"] == 4
+
+
+def test_train_uda_evaluate_source_scores_the_held_out_split_without_training(source_model, tmp_path):
+    out = str(tmp_path / "source_only")
+    assert_ok(run_config("train_uda.json", run_id="evaluate_source", ckpt_path=source_model, output_dir=out, **SMALL))
+    metrics = read_json(out, "metrics.json")
+    assert metrics["iterations"] == 0 and metrics["conflict_fraction"] is None and metrics["n_images"] == 4
+    assert 0.0 <= metrics["dice_mean"] <= 1.0
+    assert not [f for f in os.listdir(out) if f.startswith("last_checkpoint")]
 
 
 def test_train_uda_rejects_unknown_alignment(source_model, tmp_path):

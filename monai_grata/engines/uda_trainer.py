@@ -26,6 +26,9 @@ class UDATrainer(SupervisedTrainer):
     """``SupervisedTrainer`` whose iteration also draws an unlabelled target batch and trains with
     ``tau1·L1 + tau2·L2``: L1 the target alignment loss, L2 the source segmentation loss (``loss_function``),
     the taus from :class:`~monai_grata.losses.GradientHarmonizedLoss` over all trainable network parameters.
+    Its ``backward`` writes ``tau1·g1 + tau2·g2`` into the gradients from the two gradients it takes anyway, so an
+    iteration costs one ordinary backward pass in every mode, and ``"none"`` (plain UDA) logs cos and conflict
+    as well.
 
     With an :class:`~monai_grata.losses.AdversarialAlignmentLoss`, the discriminator takes one step per iteration
     after the network (``discriminator_optimizer`` is then required). The iteration output holds, besides
@@ -82,10 +85,9 @@ class UDATrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss_seg = engine.loss_function(source_logits, targets).mean()
         loss_align = engine.alignment_loss(target_logits)
-        loss = engine.harmonizer(loss_align, loss_seg)
-        engine.state.output[Keys.LOSS] = loss
+        # the two gradients GH needs, combined into .grad: no third backward pass
+        engine.state.output[Keys.LOSS] = engine.harmonizer.backward(loss_align, loss_seg)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
 

@@ -28,7 +28,8 @@ def harmonization_output_transform(output: Any, keys: Sequence[str] = HARMONIZAT
 
 class HarmonizationReport:
     """Collect ⟨g1, g2⟩ of every iteration; at the end write a histogram PNG (the GH paper's Fig. 2) and a JSON
-    summary (iterations, conflicting fraction) to ``output_dir``.
+    summary (iterations, conflicting fraction) to ``output_dir``. It has ``state_dict``/``load_state_dict``, so
+    putting it into a ``CheckpointSaver``/``CheckpointLoader`` dict keeps the whole history of a resumed run.
 
     Args:
         output_dir: where to write.
@@ -50,6 +51,13 @@ class HarmonizationReport:
         item = _first(engine.state.output)
         if isinstance(item, dict) and "dot" in item:
             self.dots.append(torch.as_tensor(item["dot"]).detach().reshape(()))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The inner products so far, so that a checkpoint carries them across a resumed run."""
+        return {"dots": torch.stack(self.dots).cpu() if self.dots else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.dots = list(torch.as_tensor(state["dots"]).reshape(-1).unbind())
 
     def summary(self) -> dict[str, float]:
         dots = torch.stack(self.dots).cpu() if self.dots else torch.zeros(0)

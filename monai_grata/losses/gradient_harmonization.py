@@ -62,6 +62,8 @@ def gh_weights(
 
 def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter], retain_graph: bool) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    # plain tensors: a MONAI MetaTensor loss would make the flat gradient a "batch" of millions of items
+    grads = [None if g is None else g.as_subclass(torch.Tensor) for g in grads]
     return torch.cat(
         [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
     )
@@ -120,11 +122,14 @@ class GradientHarmonizedLoss(nn.Module):
             "conflict": torch.zeros(()),
         }
 
-    def _gradients(self, loss1: torch.Tensor, loss2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gradients(
+        self, loss1: torch.Tensor, loss2: torch.Tensor, retain_graph: bool, sync: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scale = 1.0 if self.loss_scale is None else float(self.loss_scale)
+        # loss2's graph may share nodes with loss1's (one forward for two tasks): keep it for the second call
         g1 = _flat_grad(loss1 * scale, self.params, retain_graph=True)
-        g2 = _flat_grad(loss2 * scale, self.params, retain_graph=True)
-        if self.sync_distributed and dist.is_available() and dist.is_initialized():
+        g2 = _flat_grad(loss2 * scale, self.params, retain_graph=retain_graph)
+        if (sync or self.sync_distributed) and dist.is_available() and dist.is_initialized():
             for g in (g1, g2):
                 dist.all_reduce(g)
                 g /= dist.get_world_size()
@@ -143,7 +148,42 @@ class GradientHarmonizedLoss(nn.Module):
             raise ValueError(f"expected two scalar losses, got shapes {tuple(loss1.shape)} and {tuple(loss2.shape)}")
         if self.mode == "none":
             return loss1 + loss2
-        g1, g2 = self._gradients(loss1, loss2)
+        tau1, tau2 = self._weights(*self._gradients(loss1, loss2, retain_graph=True))
+        return tau1.detach() * loss1 + tau2.detach() * loss2
+
+    def backward(self, loss1: torch.Tensor, loss2: torch.Tensor) -> torch.Tensor:
+        """Like ``forward(loss1, loss2).backward()`` for ``params``, but without the third backward pass: the
+        gradients g1 and g2 already taken are combined into ``tau1·g1 + tau2·g2`` and added to each parameter's
+        ``.grad``. When L1 and L2 come from separate forward passes (UDA: target and source batches), the two
+        ``autograd.grad`` calls together cost one ordinary backward. In mode ``"none"`` the gradients are still
+        taken, so that ``last_stats`` reports cos and conflict for plain training too (taus stay 1). Parameters
+        outside ``params`` (e.g. a discriminator) receive no gradient. Under DDP, g1 and g2 are always averaged
+        over ranks here (``autograd.grad`` bypasses DDP's gradient hooks), so all ranks apply the same update.
+        With AMP, pass ``loss_scale=scaler.get_scale()`` and step with ``scaler.step(optimizer)``.
+
+        Args:
+            loss1: the first scalar loss (in UDA: the target alignment loss).
+            loss2: the second scalar loss (in UDA: the source segmentation loss).
+
+        Returns:
+            ``tau1·loss1 + tau2·loss2``, detached (for logging).
+        """
+        if loss1.ndim or loss2.ndim:
+            raise ValueError(f"expected two scalar losses, got shapes {tuple(loss1.shape)} and {tuple(loss2.shape)}")
+        g1, g2 = self._gradients(loss1, loss2, retain_graph=False, sync=True)
+        tau1, tau2 = self._weights(g1, g2)
+        combined = tau1.to(g1.dtype) * g1 + tau2.to(g2.dtype) * g2
+        with torch.no_grad():
+            for p, grad in zip(self.params, combined.split([p.numel() for p in self.params]), strict=True):
+                grad = grad.view_as(p)
+                if p.grad is None:
+                    p.grad = grad.clone()
+                else:
+                    p.grad.add_(grad)
+        return (tau1 * loss1 + tau2 * loss2).detach()
+
+    def _weights(self, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The taus of this mode; records ``last_stats``."""
         tau1, tau2 = gh_weights(g1, g2, self.mode, self.lam)
         dot = torch.dot(g1.double(), g2.double())
         norms = g1.double().norm() * g2.double().norm()
@@ -154,4 +194,4 @@ class GradientHarmonizedLoss(nn.Module):
             "dot": dot.float(),
             "conflict": (dot < 0).float(),
         }
-        return tau1.detach() * loss1 + tau2.detach() * loss2
+        return tau1, tau2

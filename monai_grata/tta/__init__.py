@@ -12,10 +12,12 @@ from .base import (
 from .batchnorm import per_group_batch_norm
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
+from .norm import BatchNormStatistics
 from .tent import Tent
 
 __all__ = [
     "ACTIVATIONS",
+    "BatchNormStatistics",
     "NORM_LAYERS",
     "GraTa",
     "TTAdapter",
