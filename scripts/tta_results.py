@@ -6,12 +6,17 @@ Each cell is one `python -m monai.bundle run --config_file bundles/grata/configs
 images of the target domain, or its first `--max_images` in datalist order (continual within the domain, model
 rebuilt from the source checkpoint), seed 0.
 No Adapt is the source model scored in the same run as GraTa. Finished cells (metrics.json present) are
-reused, so the script can be stopped and restarted. Prints markdown tables (OD, OC, mean Dice).
+reused, so the script can be stopped and restarted; with `--max_images N`, a finished run of the same cell on
+more images is summarised over its first N images instead of run again. Prints markdown tables (OD, OC, mean Dice).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import json
+import math
 import os
 
 from monai_grata.utils import run_bundle_once
@@ -19,6 +24,7 @@ from monai_grata.utils import run_bundle_once
 DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
 # name -> inference.json overrides (Table 2 of the paper: objective at theta or theta', fixed or dynamic lr)
 METHODS = {
+    "BN statistics only": {"method": "norm"},
     "TENT": {"method": "tent", "tent_lr": 0.0001},
     "L_con(θ), lr β": {"method": "grata", "align": False, "dynamic_lr": False},
     "L_con(θ'), lr β": {"method": "grata", "align": True, "dynamic_lr": False},
@@ -26,10 +32,38 @@ METHODS = {
 }
 
 
+def summarise_first(cell: str, n: int) -> dict:
+    """Dice means over the first ``n`` images of a finished cell, adapted and No Adapt, from its per-image CSVs.
+
+    Adaptation is continual and causal, so the first ``n`` images of a longer run score exactly as a run of
+    ``n`` images would.
+    """
+    metrics = {}
+    for prefix, name in (("", "per_image.csv"), ("no_adapt_", "no_adapt_per_image.csv")):
+        with open(os.path.join(cell, name)) as f:
+            rows = list(csv.DictReader(f))[:n]
+        for channel in ("od", "oc"):
+            values = [float(r[f"dice_{channel}"]) for r in rows if math.isfinite(float(r[f"dice_{channel}"]))]
+            metrics[f"{prefix}dice_{channel}"] = sum(values) / len(values)
+        metrics[f"{prefix}dice_mean"] = (metrics[f"{prefix}dice_od"] + metrics[f"{prefix}dice_oc"]) / 2
+    metrics["n_images"] = len(rows)
+    return metrics
+
+
 def run_cell(args: argparse.Namespace, source: str, target: str, name: str, overrides: dict) -> dict:
+    """Run (or reuse) one cell in ``OUT/first{N}`` (``OUT/all`` without ``--max_images``); a finished run on
+    more images of the same pair and method is reused through :func:`summarise_first` instead."""
     slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+    pair = f"{source}_to_{target}"
+    for folder in sorted(glob.glob(os.path.join(args.out, "*", pair, slug, "metrics.json"))):
+        cell = os.path.dirname(folder)
+        with open(folder) as f:
+            n_images = json.load(f)["n_images"]
+        if args.max_images and n_images > args.max_images:
+            return summarise_first(cell, args.max_images)
+    subset = f"first{args.max_images}" if args.max_images else "all"
     return run_bundle_once(
-        "bundles/grata/configs/inference.json", os.path.join(args.out, f"{source}_to_{target}", slug),
+        "bundles/grata/configs/inference.json", os.path.join(args.out, subset, pair, slug),
         dataset_dir=args.dataset_dir, datalist=args.datalist, source=source, target=target, device=args.device,
         seed=args.seed, **({"max_images": args.max_images} if args.max_images else {}), **overrides,
     )  # fmt: skip
