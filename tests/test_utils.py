@@ -4,7 +4,13 @@ import os
 import torch
 
 from monai_grata.networks import resunet
-from monai_grata.utils import best_checkpoint, export_run_config, export_source_model, latest_checkpoint
+from monai_grata.utils import (
+    best_checkpoint,
+    export_run_config,
+    export_source_model,
+    latest_checkpoint,
+    write_metrics,
+)
 
 from .conftest import CONFIG_DIR
 
@@ -42,3 +48,10 @@ def test_checkpoint_discovery_and_export(tmp_path):
     assert best_checkpoint(str(tmp_path)).endswith("key_metric=0.85.pt")
     assert export_source_model(str(tmp_path), str(tmp_path / "out" / "model.pt")).endswith("0.85.pt")
     assert latest_checkpoint(str(tmp_path / "out")) is None
+
+
+def test_write_metrics_merges_in_order_and_writes_nonfinite_as_null(tmp_path):
+    path = tmp_path / "sub" / "metrics.json"
+    written = write_metrics(str(path), {"dice_mean": 0.5, "n_images": 4}, {"dice_mean": 0.75, "conflict": float("nan")})
+    assert written == {"dice_mean": 0.75, "n_images": 4, "conflict": None}
+    assert json.loads(path.read_text()) == written
