@@ -1,6 +1,7 @@
 """Compare MLflow runs of monai-grata (inference, evaluation, training) side by side.
 
 python -m monai_grata.utils.compare_runs outputs/inference outputs/inference_tent --metrics dice_mean no_adapt_dice_mean
+python -m monai_grata.utils.compare_runs outputs/stream1000 --history cos lr    # min / median / max along the run
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def _tracking_uri(location: str) -> str:
     return f"sqlite:///{os.path.abspath(path)}"
 
 
-def collect_runs(locations: Sequence[str], experiment: str | None = None) -> list[dict]:
+def collect_runs(locations: Sequence[str], experiment: str | None = None, history: Sequence[str] = ()) -> list[dict]:
     """One dict per run (``run_name``, ``params.*``, ``metrics.*``) from each store, optionally one experiment.
 
     Args:
         locations: output folders holding ``mlflow.db``, ``.db`` files, or tracking URIs.
         experiment: an experiment name to keep (default: all).
+        history: metrics logged per step (e.g. ``cos``, ``tau1``) whose whole history is summarised as
+            ``metrics.<name>_min``, ``_median``, ``_max`` (the median is the lower middle value).
     """
     from mlflow import MlflowClient
 
@@ -43,6 +46,11 @@ def collect_runs(locations: Sequence[str], experiment: str | None = None) -> lis
             row = {"store": location, "run_name": run.info.run_name}
             row.update({f"params.{k}": v for k, v in run.data.params.items()})
             row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            for name in history:
+                values = sorted(m.value for m in client.get_metric_history(run.info.run_id, name))
+                if values:
+                    row.update({f"metrics.{name}_min": values[0], f"metrics.{name}_max": values[-1]})
+                    row[f"metrics.{name}_median"] = values[(len(values) - 1) // 2]
             rows.append(row)
     return rows
 
@@ -57,7 +65,7 @@ def format_table(rows: Sequence[dict], params: Sequence[str], metrics: Sequence[
         values = [str(r.get("run_name", ""))] + [str(r.get(f"params.{p}", "")) for p in params]
         for m in metrics:
             v = r.get(f"metrics.{m}")
-            values.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
+            values.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}")
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -68,8 +76,10 @@ def main() -> None:
     parser.add_argument("--experiment", default=None, help="keep only this experiment")
     parser.add_argument("--params", nargs="*", default=list(DEFAULT_PARAMS))
     parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
+    parser.add_argument("--history", nargs="*", default=[], help="per-step metrics to summarise (min/median/max)")
     args = parser.parse_args()
-    print(format_table(collect_runs(args.locations, args.experiment), args.params, args.metrics))
+    metrics = args.metrics + [f"{h}_{stat}" for h in args.history for stat in ("min", "median", "max")]
+    print(format_table(collect_runs(args.locations, args.experiment, args.history), args.params, metrics))
 
 
 if __name__ == "__main__":
