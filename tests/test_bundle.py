@@ -144,6 +144,9 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert len(client.get_metric_history(run_id, "stream/dice_od")) == 8
     table = format_table(collect_runs([out], "grata_inference"), ["method", "target"], ["dice_mean"])
     assert "| grata | drishti_gs |" in table and f"{metrics['dice_mean']:.4g}" in table
+    cos = sorted(m.value for m in client.get_metric_history(run_id, "cos"))
+    (row,) = collect_runs([out], "grata_inference", history=["cos"])
+    assert (row["metrics.cos_min"], row["metrics.cos_median"], row["metrics.cos_max"]) == (cos[0], cos[3], cos[-1])
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "metrics.json", "per_image.csv", "stream.png"} <= artifacts
 
