@@ -27,36 +27,32 @@ def cell_dir(out: str, source: str, target: str, name: str) -> str:
     return os.path.join(out, f"{source}_to_{target}", name)
 
 
+def run_cell(cell: str, **overrides) -> dict:
+    """Run (or reuse) one cell; its metrics plus ``minutes`` (wall time, when this script ran it; else None)."""
+    metrics = run_bundle_once(CONFIG, cell, **overrides)
+    path = os.path.join(cell, "wall_time.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return {**metrics, "minutes": json.load(f)["wall_s"] / 60}
+    return {**metrics, "minutes": None}
+
+
 def run_pair(args: argparse.Namespace, source: str, target: str) -> dict[str, dict]:
     """Run (or reuse) every cell of one pair; return ``{row name: metrics}``."""
     common = {
         "dataset_dir": args.dataset_dir, "datalist": args.datalist, "source": source, "target": target,
         "device": args.device, "seed": args.seed, "batch_size": args.batch_size,
     }  # fmt: skip
-    rows = {"source only": run_bundle_once(CONFIG, cell_dir(args.out, source, target, "source_only"),
-                                           run_id="evaluate_source", **common)}  # fmt: skip
+    rows = {"source only": run_cell(cell_dir(args.out, source, target, "source_only"),
+                                    run_id="evaluate_source", **common)}  # fmt: skip
     for alignment in args.alignments:
         for harmonization in args.harmonizations:
             name = f"{alignment}_{harmonization.replace('+', 'p')}"
-            rows[f"{HARMONIZATIONS[harmonization]} ({alignment})"] = run_bundle_once(
-                CONFIG, cell_dir(args.out, source, target, name), alignment=alignment, harmonization=harmonization,
+            rows[f"{HARMONIZATIONS[harmonization]} ({alignment})"] = run_cell(
+                cell_dir(args.out, source, target, name), alignment=alignment, harmonization=harmonization,
                 lam=args.lam, epochs=args.epochs, max_iterations=args.iterations, **common,
             )  # fmt: skip
     return rows
-
-
-def wall_minutes(out: str, source: str, target: str, row: str) -> float | None:
-    """Minutes the cell's run took, when this script ran it."""
-    name = "source_only" if row == "source only" else None
-    if name is None:
-        alignment = row.split("(")[-1].rstrip(")")
-        harmonization = {v: k for k, v in HARMONIZATIONS.items()}[row.split(" (")[0]]
-        name = f"{alignment}_{harmonization.replace('+', 'p')}"
-    path = os.path.join(cell_dir(out, source, target, name), "wall_time.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)["wall_s"] / 60
 
 
 def main() -> None:
@@ -84,10 +80,9 @@ def main() -> None:
         for pair in pairs:
             m = results[pair][row]
             conflict = "–" if m.get("conflict_fraction") is None else f"{100 * m['conflict_fraction']:.0f} %"
-            minutes = wall_minutes(args.out, *pair, row)
             cells.append(
                 f"{m['dice_od']:.3f} / {m['dice_oc']:.3f} / **{m['dice_mean']:.3f}** | {conflict} | "
-                + ("–" if minutes is None else f"{minutes:.1f}")
+                + ("–" if m["minutes"] is None else f"{m['minutes']:.1f}")
             )
         print(f"| {row} | " + " | ".join(cells) + " |")
     first = results[pairs[0]]
