@@ -220,7 +220,12 @@ def test_zero_gradient_gives_cos_zero():
 
 def test_non_finite_update_is_rolled_back(caplog):
     adapter = GraTa(tiny_net())
+    adapter(torch.rand(1, 3, 16, 16))  # one good step, so Adam has state to roll back to
     before = [p.clone() for p in adapter.params]
+    state_before = {
+        i: {k: v.clone() for k, v in adapter.optimizer.state[p].items()} for i, p in enumerate(adapter.params)
+    }
+    lr_before = adapter.optimizer.param_groups[0]["lr"]
     original = adapter.adapt
 
     def poisoned(x):
@@ -234,6 +239,13 @@ def test_non_finite_update_is_rolled_back(caplog):
         adapter(torch.rand(1, 3, 16, 16))
     assert "rolled back" in caplog.text and adapter.n_rolled_back == 1
     assert all(torch.equal(a, b) for a, b in zip(before, adapter.params, strict=True))
+    for i, p in enumerate(adapter.params):
+        assert all(torch.equal(adapter.optimizer.state[p][k], v) for k, v in state_before[i].items())
+    assert adapter.optimizer.param_groups[0]["lr"] == lr_before
+    adapter.adapt = original
+    adapter(torch.rand(1, 3, 16, 16))
+    assert all(torch.isfinite(p).all() for p in adapter.params)
+    assert float(adapter.optimizer.state[adapter.params[0]]["step"]) == 2
 
 
 def test_registry_and_tent():

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from monai_grata.transforms import WEAK_VIEWS, StrongIntensityAug, WeakViews
 
@@ -98,6 +99,7 @@ class GraTa(TTAdapter):
         return torch.optim.Adam(params, lr=self.beta, betas=(0.9, 0.999), capturable=params[0].is_cuda)
 
     @torch.no_grad()
+    @record_function("grata/teacher")
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
         """Mean probability of the weak views of ``x``, mapped back to the original frame."""
         stacked = self.views(x)
@@ -116,26 +118,30 @@ class GraTa(TTAdapter):
         return consistency_loss(self.model(self.strong_transform(x)), teacher, self.multilabel)
 
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        loss_aux = self.loss(self.aux, x)
-        grad_aux = torch.autograd.grad(loss_aux, self.params)
+        # the record_function ranges name the phases for benchmarks/tta_speed.py --breakdown
+        with record_function("grata/aux_gradient"):
+            loss_aux = self.loss(self.aux, x)
+            grad_aux = torch.autograd.grad(loss_aux, self.params)
         if self.align:
             source = [p.detach().clone() for p in self.params]
             with torch.no_grad():
                 torch._foreach_sub_(self.params, grad_aux)
-        loss_pseudo = self.loss(self.pseudo, x)
-        grad_pseudo = torch.autograd.grad(loss_pseudo, self.params)
-        if self.align:
-            with torch.no_grad():
-                for p, s in zip(self.params, source, strict=True):
-                    p.copy_(s)
-        flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
-        cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
-        lr = self.beta * ACTIVATIONS[self.activation](cos) if self.dynamic_lr else torch.full_like(cos, self.beta)
-        for p, g in zip(self.params, grad_pseudo, strict=True):
-            p.grad = g
-        self.optimizer.param_groups[0]["lr"] = lr if self.optimizer.defaults.get("capturable") else float(lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("grata/pseudo_gradient"):
+            loss_pseudo = self.loss(self.pseudo, x)
+            grad_pseudo = torch.autograd.grad(loss_pseudo, self.params)
+        with record_function("grata/update"):
+            if self.align:
+                with torch.no_grad():
+                    for p, s in zip(self.params, source, strict=True):
+                        p.copy_(s)
+            flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
+            cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
+            lr = self.beta * ACTIVATIONS[self.activation](cos) if self.dynamic_lr else torch.full_like(cos, self.beta)
+            for p, g in zip(self.params, grad_pseudo, strict=True):
+                p.grad = g
+            self.optimizer.param_groups[0]["lr"] = lr if self.optimizer.defaults.get("capturable") else float(lr)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {
             "cos": cos.detach(),
             "lr": lr.detach(),
