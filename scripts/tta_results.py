@@ -13,13 +13,11 @@ more images is summarised over its first N images instead of run again. Prints m
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
-import math
 import os
 
-from monai_grata.utils import run_bundle_once
+from monai_grata.utils import mean_dice_of_rows, read_per_image_csv, run_bundle_once
 
 DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
 # name -> inference.json overrides (Table 2 of the paper: objective at theta or theta', fixed or dynamic lr)
@@ -40,12 +38,8 @@ def summarise_first(cell: str, n: int) -> dict:
     """
     metrics = {}
     for prefix, name in (("", "per_image.csv"), ("no_adapt_", "no_adapt_per_image.csv")):
-        with open(os.path.join(cell, name)) as f:
-            rows = list(csv.DictReader(f))[:n]
-        for channel in ("od", "oc"):
-            values = [float(r[f"dice_{channel}"]) for r in rows if math.isfinite(float(r[f"dice_{channel}"]))]
-            metrics[f"{prefix}dice_{channel}"] = sum(values) / len(values)
-        metrics[f"{prefix}dice_mean"] = (metrics[f"{prefix}dice_od"] + metrics[f"{prefix}dice_oc"]) / 2
+        rows = read_per_image_csv(os.path.join(cell, name))[:n]
+        metrics.update({prefix + key: value for key, value in mean_dice_of_rows(rows).items()})
     metrics["n_images"] = len(rows)
     return metrics
 

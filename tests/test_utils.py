@@ -1,6 +1,9 @@
+import csv
 import json
+import math
 import os
 
+import pytest
 import torch
 
 from monai_grata.networks import resunet
@@ -9,6 +12,8 @@ from monai_grata.utils import (
     export_run_config,
     export_source_model,
     latest_checkpoint,
+    mean_dice_of_rows,
+    read_per_image_csv,
     write_metrics,
 )
 
@@ -55,3 +60,26 @@ def test_write_metrics_merges_in_order_and_writes_nonfinite_as_null(tmp_path):
     written = write_metrics(str(path), {"dice_mean": 0.5, "n_images": 4}, {"dice_mean": 0.75, "conflict": float("nan")})
     assert written == {"dice_mean": 0.75, "n_images": 4, "conflict": None}
     assert json.loads(path.read_text()) == written
+
+
+def test_per_image_csv_dice_means_skip_undefined_values(tmp_path):
+    path = str(tmp_path / "per_image.csv")
+    with open(path, "w", newline="") as f:  # as MetricsReport writes it: f"{v:.6f}" gives "nan" and "inf"
+        writer = csv.writer(f)
+        writer.writerow(["filename", "group", "dice_od", "dice_oc", "assd_od", "assd_oc"])
+        writer.writerow(["a.png", "d1", "0.900000", "nan", "1.0", "inf"])
+        writer.writerow(["b.png", "d1", "0.700000", "0.600000", "2.0", "3.0"])
+        writer.writerow(["c.png", "d2", "inf", "0.400000", "2.0", "3.0"])
+    rows = read_per_image_csv(path)
+    assert [r["filename"] for r in rows] == ["a.png", "b.png", "c.png"]
+    summary = mean_dice_of_rows(rows)
+    assert math.isclose(summary["dice_od"], 0.8) and math.isclose(summary["dice_oc"], 0.5)
+    assert math.isclose(summary["dice_mean"], 0.65)
+    first = mean_dice_of_rows(rows[:1])
+    assert first["dice_od"] == 0.9 and math.isnan(first["dice_oc"]) and math.isnan(first["dice_mean"])
+    assert mean_dice_of_rows(rows, channel_names=("od",)) == {
+        "dice_od": summary["dice_od"],
+        "dice_mean": summary["dice_od"],
+    }
+    with pytest.raises(KeyError, match="dice_rim"):
+        mean_dice_of_rows(rows, channel_names=("rim",))

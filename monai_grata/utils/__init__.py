@@ -1,5 +1,6 @@
 from .bundle_runs import run_bundle_once, write_metrics
 from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint
+from .per_image import mean_dice_of_rows, read_per_image_csv
 from .run_config import export_run_config
 
 __all__ = [
@@ -7,6 +8,8 @@ __all__ = [
     "export_run_config",
     "export_source_model",
     "latest_checkpoint",
+    "mean_dice_of_rows",
+    "read_per_image_csv",
     "run_bundle_once",
     "write_metrics",
 ]
