@@ -64,6 +64,37 @@ def test_reset_on_domain_change():
     assert resets == [3]  # first image of domain "b"
 
 
+def test_adapter_sees_the_batch_as_the_evaluator_prepares_it():
+    calls = []
+
+    def prepare_batch(batchdata, device=None, non_blocking=False, **kwargs):
+        calls.append(kwargs)
+        return batchdata["image"].to(device=device, **kwargs) * 2, batchdata["label"].to(device)
+
+    network = tiny_net()
+    handler = TTAHandler(method="grata", beta=1e-3)
+    engine = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=loader(),
+        network=network,
+        prepare_batch=prepare_batch,
+        to_kwargs={"dtype": torch.float64},
+        val_handlers=[handler],
+    )
+    seen = []
+
+    def record(x):
+        seen.append(x)
+        return {}
+
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(handler.adapter, "adapt", record))
+    network.double()
+    engine.run()
+    assert calls == [{"dtype": torch.float64}] * 8  # once by the handler, once by the evaluator, per batch
+    first = next(iter(loader()))["image"]
+    assert seen[0].dtype == torch.float64 and torch.equal(seen[0], first.double() * 2)
+
+
 def test_adapter_must_wrap_the_evaluator_network():
     with pytest.raises(ValueError, match="evaluator's own network"):
         evaluator(tiny_net(), [GraTaHandler(adapter=GraTa(tiny_net()))]).run()

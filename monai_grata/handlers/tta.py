@@ -79,7 +79,9 @@ class TTAHandler:
         """Prepare the batch as the evaluator will, and run one adaptation step on its images."""
         if self.reset_key is not None:
             self._maybe_reset(engine.state.batch)
-        prepared = engine.prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
+        prepared = engine.prepare_batch(
+            engine.state.batch, engine.state.device, engine.non_blocking, **getattr(engine, "to_kwargs", {})
+        )
         stats = self.adapter.adapt_batch(prepared[0])
         engine.state.tta = stats
         self.history.append(stats)
