@@ -1,5 +1,6 @@
 from .harmonization import HARMONIZATION_KEYS, HarmonizationReport, harmonization_output_transform
 from .metrics_report import MetricsReport
+from .mlflow_resume import ResumableMLFlowHandler
 from .stream_report import StreamReport
 from .tta import GraTaHandler, TTAHandler, tta_output_transform
 
@@ -8,6 +9,7 @@ __all__ = [
     "GraTaHandler",
     "HarmonizationReport",
     "MetricsReport",
+    "ResumableMLFlowHandler",
     "StreamReport",
     "TTAHandler",
     "harmonization_output_transform",
