@@ -57,11 +57,12 @@ SMALL = {"image_size": 64}
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two iterations of train.json on the shipped sample, then one more epoch resumed from its checkpoint."""
+    """Two iterations of train.json on the shipped sample, then one more epoch resumed from its checkpoint
+    with another batch size."""
     out = str(tmp_path_factory.mktemp("train"))
-    common = {"source": "drishti_gs", "output_dir": out, "batch_size": 2, "max_iterations": 2, **SMALL}
-    first = assert_ok(run_config("train.json", epochs=1, **common))
-    resumed = assert_ok(run_config("train.json", epochs=2, **common))
+    common = {"source": "drishti_gs", "output_dir": out, "max_iterations": 2, **SMALL}
+    first = assert_ok(run_config("train.json", epochs=1, batch_size=2, **common))
+    resumed = assert_ok(run_config("train.json", epochs=2, batch_size=3, **common))
     return out, first, resumed
 
 
@@ -76,6 +77,7 @@ def test_train_runs_validates_and_resumes(trained):
     out, first_log, resumed_log = trained
     assert "Epoch[1] Metrics" in first_log and "val_mean_dice" in first_log
     assert "Restored all variables from" in resumed_log and "Epoch[2] Metrics" in resumed_log
+    assert "continues with batch_size=3 (logged as 2)" in resumed_log  # one MLflow run across the resume
     assert latest_checkpoint(out).endswith("epoch=2.pt")
     assert best_checkpoint(out) is not None
     assert os.path.isfile(os.path.join(out, "mlflow.db"))
