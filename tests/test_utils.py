@@ -13,6 +13,7 @@ from monai_grata.utils import (
     export_source_model,
     latest_checkpoint,
     mean_dice_of_rows,
+    prune_checkpoints,
     read_per_image_csv,
     write_metrics,
 )
@@ -53,6 +54,20 @@ def test_checkpoint_discovery_and_export(tmp_path):
     assert best_checkpoint(str(tmp_path)).endswith("key_metric=0.85.pt")
     assert export_source_model(str(tmp_path), str(tmp_path / "out" / "model.pt")).endswith("0.85.pt")
     assert latest_checkpoint(str(tmp_path / "out")) is None
+    (tmp_path / "notes.pt").write_bytes(b"")  # not a checkpoint name: never touched
+    removed = prune_checkpoints(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == [
+        "last_checkpoint_epoch=2.pt",
+        "network_key_metric=0.7.pt",
+        "network_key_metric=0.8.pt",
+    ]
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint_epoch=10.pt",
+        "network_key_metric=0.85.pt",
+        "notes.pt",
+        "out",
+    ]
+    assert prune_checkpoints(str(tmp_path)) == []
 
 
 def test_write_metrics_merges_in_order_and_writes_nonfinite_as_null(tmp_path):

@@ -1,5 +1,5 @@
 from .bundle_runs import run_bundle_once, write_metrics
-from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint
+from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint, prune_checkpoints
 from .per_image import mean_dice_of_rows, read_per_image_csv
 from .run_config import export_run_config
 
@@ -9,6 +9,7 @@ __all__ = [
     "export_source_model",
     "latest_checkpoint",
     "mean_dice_of_rows",
+    "prune_checkpoints",
     "read_per_image_csv",
     "run_bundle_once",
     "write_metrics",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 
@@ -10,7 +11,9 @@ import torch
 
 from monai_grata.networks import save_half_precision
 
-__all__ = ["best_checkpoint", "export_source_model", "latest_checkpoint"]
+__all__ = ["best_checkpoint", "export_source_model", "latest_checkpoint", "prune_checkpoints"]
+
+logger = logging.getLogger(__name__)
 
 
 def _scored(directory: str, pattern: str, score: str) -> list[tuple[float, str]]:
@@ -43,6 +46,28 @@ def best_checkpoint(directory: str) -> str | None:
     """
     found = _scored(directory, "*key_metric=*.pt", "key_metric")
     return found[-1][1] if found else None
+
+
+def prune_checkpoints(directory: str, prefix: str = "last") -> list[str]:
+    """Delete what earlier runs left that a resumed run no longer needs: every interval checkpoint but the
+    latest and every key-metric checkpoint but the best.
+
+    ``CheckpointSaver`` prunes only the files of its own run, so without this each resume would leave one more
+    interval checkpoint (network, optimizer and scheduler) and one more best-model file behind.
+
+    Args:
+        directory: the training output folder.
+        prefix: the ``file_prefix`` of the interval ``CheckpointSaver``.
+
+    Returns:
+        The deleted paths.
+    """
+    stale = [path for _, path in _scored(directory, f"{prefix}_*epoch=*.pt", "epoch")[:-1]]
+    stale += [path for _, path in _scored(directory, "*key_metric=*.pt", "key_metric")[:-1]]
+    for path in stale:
+        os.remove(path)
+        logger.info(f"removed the superseded checkpoint {path}")
+    return stale
 
 
 def export_source_model(train_dir: str, out_path: str) -> str:
