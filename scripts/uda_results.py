@@ -5,7 +5,9 @@
 Each target domain is split once (seed 0) into an unlabelled adaptation half and a held-out evaluation half that
 training never sees (`train_uda.json`'s `target_eval_fraction`). Source-only is the shipped source model scored
 on the held-out half (`train_uda.json --run_id evaluate_source`); every other cell is one `train_uda.json` run
-from that source model, scored on the same held-out half after its last iteration. Finished cells
+from that source model, scored on the same held-out half after its last iteration. The control row "BN running
+statistics only (lr 0)" is the entropy run with learning rate 0: no weight moves, only BatchNorm's running
+statistics see the source and target batches. Finished cells
 (metrics.json present) are reused, so the script can be stopped and restarted. Prints a markdown table with
 Dice (OD / OC / mean), the fraction of iterations whose two gradients conflicted, and wall time per cell.
 """
@@ -45,6 +47,12 @@ def run_pair(args: argparse.Namespace, source: str, target: str) -> dict[str, di
     }  # fmt: skip
     rows = {"source only": run_cell(cell_dir(args.out, source, target, "source_only"),
                                     run_id="evaluate_source", **common)}  # fmt: skip
+    # control: the same training loop with lr 0 changes only BatchNorm running statistics (they see source and
+    # target batches), so it separates what those statistics give from what the alignment gradients give
+    rows["BN running statistics only (lr 0)"] = run_cell(
+        cell_dir(args.out, source, target, "bn_statistics_lr0"), alignment="entropy", harmonization="none",
+        learning_rate=0.0, epochs=args.epochs, max_iterations=args.iterations, **common,
+    )  # fmt: skip
     for alignment in args.alignments:
         for harmonization in args.harmonizations:
             name = f"{alignment}_{harmonization.replace('+', 'p')}"
