@@ -67,6 +67,20 @@ def test_high_dimensional_and_harmonized_directions():
         assert [float(t) for t in tau] == pytest.approx(expected_ghpp(g1.double(), g2.double(), 0.5), rel=1e-5)
 
 
+def test_gh_strips_the_same_part_of_g2_whatever_the_weight_of_g1():
+    # docs/results_uda.md: down-weighting the alignment loss (g1 -> k*g1) does not spare the segmentation
+    # gradient; GH's update is k*(g1 without its g2 component) + (g2 without its g1 component) for every k
+    gen = torch.Generator().manual_seed(1)
+    g1 = torch.randn(1000, generator=gen, dtype=torch.float64)
+    g2 = -0.8 * g1 + 0.3 * torch.randn(1000, generator=gen, dtype=torch.float64)
+    g1_part = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    g2_part = g2 - (g1 @ g2) / (g1 @ g1) * g1
+    for k in (0.01, 1.0, 100.0):
+        tau1, tau2 = gh_weights(k * g1, g2, "gh")
+        update = tau1.double() * k * g1 + tau2.double() * g2
+        torch.testing.assert_close(update, k * g1_part + g2_part, rtol=1e-5, atol=1e-5 * float(g2.norm()))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         gh_weights(torch.ones(2), torch.ones(2), "pcgrad")
