@@ -2,7 +2,7 @@
 
     python scripts/uda_results.py --dataset_dir ../shared/data/fundus --out outputs/uda_results
 
-Each target domain is split once (seed 0) into an unlabelled adaptation half and a held-out evaluation half that
+Each target domain is split once (by `--seed`) into an unlabelled adaptation half and a held-out evaluation half that
 training never sees (`train_uda.json`'s `target_eval_fraction`). Source-only is the shipped source model scored
 on the held-out half (`train_uda.json --run_id evaluate_source`); every other cell is one `train_uda.json` run
 from that source model, scored on the same held-out half after its last iteration. The control row "BN running

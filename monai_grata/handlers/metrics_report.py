@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from monai_grata.utils.per_image import finite_mean
+
 __all__ = ["MetricsReport"]
 
 
@@ -26,13 +28,6 @@ def _batch_values(batch, key: str) -> list[str]:
             value = (getattr(value, "meta", None) or {}).get("filename_or_obj", "")
         values += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     return values
-
-
-def _mean(values: torch.Tensor) -> tuple[float, int]:
-    """Mean of the finite values and the number left out (NaN: empty label; Inf: empty prediction)."""
-    finite = values[torch.isfinite(values)]
-    mean = float(finite.mean()) if finite.numel() else float("nan")
-    return mean, int(values.numel() - finite.numel())
 
 
 class MetricsReport:
@@ -103,12 +98,12 @@ class MetricsReport:
     def _summarise(self, rows: torch.Tensor) -> dict[str, float]:
         summary: dict[str, float] = {}
         for c, name in enumerate(self.channel_names):
-            summary[f"dice_{name}"] = _mean(self.per_image["dice"][rows, c])[0]
+            summary[f"dice_{name}"] = finite_mean(self.per_image["dice"][rows, c])[0]
         summary["dice_mean"] = sum(summary[f"dice_{n}"] for n in self.channel_names) / len(self.channel_names)
         if "assd" in self.per_image:
             undefined = 0
             for c, name in enumerate(self.channel_names):
-                summary[f"assd_{name}"], left_out = _mean(self.per_image["assd"][rows, c])
+                summary[f"assd_{name}"], left_out = finite_mean(self.per_image["assd"][rows, c])
                 undefined += left_out
             summary["assd_mean"] = sum(summary[f"assd_{n}"] for n in self.channel_names) / len(self.channel_names)
             summary["n_assd_undefined"] = undefined

@@ -1,12 +1,13 @@
 from .bundle_runs import run_bundle_once, write_metrics
 from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint, prune_checkpoints
-from .per_image import mean_dice_of_rows, read_per_image_csv
+from .per_image import finite_mean, mean_dice_of_rows, read_per_image_csv
 from .run_config import export_run_config
 
 __all__ = [
     "best_checkpoint",
     "export_run_config",
     "export_source_model",
+    "finite_mean",
     "latest_checkpoint",
     "mean_dice_of_rows",
     "prune_checkpoints",

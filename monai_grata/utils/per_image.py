@@ -1,12 +1,22 @@
-"""Read back the per-image CSV that :class:`~monai_grata.handlers.MetricsReport` writes, and summarise rows of it."""
+"""Per-image metrics: the finite-value mean that :class:`~monai_grata.handlers.MetricsReport` summarises with, and
+reading back (and summarising rows of) the per-image CSV it writes."""
 
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 
-__all__ = ["mean_dice_of_rows", "read_per_image_csv"]
+import torch
+
+__all__ = ["finite_mean", "mean_dice_of_rows", "read_per_image_csv"]
+
+
+def finite_mean(values: torch.Tensor) -> tuple[float, int]:
+    """Mean of the finite values (NaN when there is none) and the number left out (NaN Dice: empty label and
+    prediction; Inf ASSD: an empty prediction)."""
+    finite = values[torch.isfinite(values)]
+    mean = float(finite.mean()) if finite.numel() else float("nan")
+    return mean, int(values.numel() - finite.numel())
 
 
 def read_per_image_csv(path: str) -> list[dict[str, str]]:
@@ -17,7 +27,7 @@ def read_per_image_csv(path: str) -> list[dict[str, str]]:
 
 def mean_dice_of_rows(rows: Sequence[dict[str, str]], channel_names: Sequence[str] = ("od", "oc")) -> dict[str, float]:
     """``dice_<channel>`` (mean over the rows where it is finite) for every channel, and ``dice_mean``, their
-    average, as :class:`~monai_grata.handlers.MetricsReport` computes them.
+    average, with :func:`finite_mean` as :class:`~monai_grata.handlers.MetricsReport` computes them.
 
     Args:
         rows: rows of a per-image CSV, e.g. a slice of :func:`read_per_image_csv`.
@@ -28,8 +38,7 @@ def mean_dice_of_rows(rows: Sequence[dict[str, str]], channel_names: Sequence[st
     """
     summary = {}
     for name in channel_names:
-        values = [float(row[f"dice_{name}"]) for row in rows]
-        finite = [v for v in values if math.isfinite(v)]
-        summary[f"dice_{name}"] = sum(finite) / len(finite) if finite else float("nan")
+        values = torch.tensor([float(row[f"dice_{name}"]) for row in rows], dtype=torch.float64)
+        summary[f"dice_{name}"] = finite_mean(values)[0]
     summary["dice_mean"] = sum(summary[f"dice_{name}"] for name in channel_names) / len(channel_names)
     return summary
