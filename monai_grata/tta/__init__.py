@@ -9,7 +9,7 @@ from .base import (
     configure_batch_statistics,
     register_adapter,
 )
-from .batchnorm import per_group_batch_norm
+from .batchnorm import batch_statistics_weight, per_group_batch_norm, source_prior_batch_norm
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
 from .norm import BatchNormStatistics
@@ -29,6 +29,8 @@ __all__ = [
     "consistency_loss",
     "entropy_loss",
     "per_group_batch_norm",
+    "source_prior_batch_norm",
+    "batch_statistics_weight",
     "probabilities",
     "register_adapter",
 ]

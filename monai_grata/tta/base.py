@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from .batchnorm import source_prior_batch_norm
+
 __all__ = [
     "NORM_LAYERS",
     "TTAdapter",
@@ -125,10 +127,16 @@ class TTAdapter(nn.Module):
     Args:
         model: the source model, adapted in place.
         episodic: reset to the source state before every batch (otherwise adaptation is continual).
+        bn_prior: how BatchNorm normalises. 0 (the papers' setting): with the test batch's own statistics;
+            N > 0: with the test statistics mixed with the source running statistics, the source counted as N
+            samples (:func:`~monai_grata.tta.source_prior_batch_norm`); ``math.inf``: with the source statistics.
     """
 
-    def __init__(self, model: nn.Module, episodic: bool = False) -> None:
+    def __init__(self, model: nn.Module, episodic: bool = False, bn_prior: float = 0.0) -> None:
         super().__init__()
+        if not bn_prior >= 0:
+            raise ValueError(f"bn_prior must be >= 0 (0: test statistics only, inf: source statistics), got {bn_prior}")
+        self.bn_prior = float(bn_prior)
         self.model = self.configure_model(model)
         self.params = self.collect_params(self.model)
         self.model.requires_grad_(False)
@@ -143,8 +151,10 @@ class TTAdapter(nn.Module):
         self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
     def configure_model(self, model: nn.Module) -> nn.Module:
-        """Prepare the model for adaptation (default: eval mode, batch statistics in every BatchNorm)."""
-        return configure_batch_statistics(model.eval())
+        """Prepare the model for adaptation (default: eval mode; every BatchNorm normalises as ``bn_prior`` says)."""
+        if self.bn_prior == 0:
+            return configure_batch_statistics(model.eval())
+        return source_prior_batch_norm(model.eval(), self.bn_prior)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters to adapt (default: normalisation affine parameters)."""

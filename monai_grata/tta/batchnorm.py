@@ -1,8 +1,10 @@
-"""Batched forward of several views with each view normalised by its own batch statistics."""
+"""How BatchNorm normalises during test-time adaptation: the test batch's statistics, optionally mixed with the
+source statistics (a prior), and several views in one batched forward with per-view statistics."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from collections.abc import Iterator
 
@@ -10,45 +12,106 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["per_group_batch_norm"]
+__all__ = ["per_group_batch_norm", "source_prior_batch_norm", "batch_statistics_weight"]
 
 
-def _grouped_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    groups = self._tta_groups
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def batch_statistics_weight(batch_size: int, prior: float) -> float:
+    """The weight n / (N + n) of the test batch's statistics when a source prior of strength N is mixed in.
+
+    Args:
+        batch_size: n, the number of samples whose statistics are taken together.
+        prior: N, the strength of the source statistics counted in samples (0: test statistics only;
+            ``math.inf``: source statistics only).
+    """
+    return 0.0 if math.isinf(prior) else batch_size / (batch_size + prior)
+
+
+def _tta_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm forward with ``self._tta_groups`` groups, each normalised by its own statistics mixed with the
+    source running statistics with prior strength ``self._tta_prior``."""
+    groups, prior = getattr(self, "_tta_groups", 1), getattr(self, "_tta_prior", 0.0)
     n, c = x.shape[:2]
     if n % groups:
         raise ValueError(f"batch of {n} cannot be split into {groups} groups")
     per_group = n // groups
-    # (G*B, C, ...) -> (B, G*C, ...): batch_norm over it gives every (group, channel) its own statistics
-    folded = x.reshape(groups, per_group, c, *x.shape[2:]).transpose(0, 1).reshape(per_group, groups * c, *x.shape[2:])
-    weight = self.weight.repeat(groups) if self.weight is not None else None
-    bias = self.bias.repeat(groups) if self.bias is not None else None
-    out = F.batch_norm(folded, None, None, weight, bias, True, 0.0, self.eps)
-    return out.reshape(per_group, groups, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+    if prior == 0.0:
+        # (G*B, C, ...) -> (B, G*C, ...): batch_norm over it gives every (group, channel) its own statistics
+        folded = x.reshape(groups, per_group, c, *x.shape[2:]).transpose(0, 1)
+        folded = folded.reshape(per_group, groups * c, *x.shape[2:])
+        weight = self.weight.repeat(groups) if self.weight is not None else None
+        bias = self.bias.repeat(groups) if self.bias is not None else None
+        out = F.batch_norm(folded, None, None, weight, bias, True, 0.0, self.eps)
+        return out.reshape(per_group, groups, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+    if math.isinf(prior):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+    grouped = x.reshape(groups, per_group, c, *x.shape[2:])
+    var, mean = torch.var_mean(grouped, dim=(1, *range(3, grouped.ndim)), correction=0, keepdim=True)
+    shape = (1, 1, c) + (1,) * (x.ndim - 2)
+    w = batch_statistics_weight(per_group, prior)
+    mean = w * mean + (1 - w) * self.running_mean.view(shape)
+    var = w * var + (1 - w) * self.running_var.view(shape)
+    out = (grouped - mean) * torch.rsqrt(var + self.eps)
+    if self.weight is not None:
+        out = out * self.weight.view(shape) + self.bias.view(shape)
+    return out.reshape(x.shape)
+
+
+def source_prior_batch_norm(model: nn.Module, prior: float) -> nn.Module:
+    """Make every BatchNorm of ``model`` normalise with the test batch's statistics mixed with its source running
+    statistics, in train and eval mode alike (Schneider et al., NeurIPS 2020):
+
+        mean = n/(N+n) · mean_test + N/(N+n) · mean_source,   var = n/(N+n) · var_test + N/(N+n) · var_source
+
+    where n is the batch size and N the prior strength. The running statistics are kept (so a reset restores
+    them) and never updated. Gradients flow through the test statistics as in train-mode BatchNorm.
+
+    Args:
+        model: the network, changed in place.
+        prior: N > 0 (``math.inf``: the source statistics alone, as in eval mode).
+
+    Raises:
+        ValueError: for a negative prior, or a BatchNorm without running statistics.
+    """
+    if not prior > 0:
+        raise ValueError(f"the prior strength must be positive (0 means test statistics only), got {prior}")
+    for module in _batch_norms(model):
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(f"{type(module).__name__} has no running statistics to use as the source prior")
+        module._tta_prior = float(prior)
+        module.forward = types.MethodType(_tta_forward, module)
+    return model
 
 
 @contextlib.contextmanager
 def per_group_batch_norm(model: nn.Module, groups: int) -> Iterator[nn.Module]:
     """Inside the context, every BatchNorm of ``model`` splits its batch into ``groups`` equal consecutive
-    groups and normalises each with that group's own batch statistics.
+    groups and normalises each with that group's own batch statistics (mixed with the source prior when
+    :func:`source_prior_batch_norm` configured one).
 
     So a forward of the stacked views (V*B, C, ...) equals V separate forwards of (B, C, ...) in train-mode
-    BatchNorm, in one batched pass. Running statistics are neither used nor updated.
+    BatchNorm, in one batched pass. Running statistics are not updated.
 
     Args:
         model: the network.
         groups: the number of groups (views) in each batch.
     """
-    patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    patched = _batch_norms(model)
     if groups == 1 or not patched:
         yield model
         return
-    for module in patched:
+    had_forward = [hasattr(m, "_tta_prior") for m in patched]
+    for module, has in zip(patched, had_forward, strict=True):
         module._tta_groups = groups
-        module.forward = types.MethodType(_grouped_forward, module)
+        if not has:
+            module.forward = types.MethodType(_tta_forward, module)
     try:
         yield model
     finally:
-        for module in patched:
-            del module.forward
+        for module, has in zip(patched, had_forward, strict=True):
             del module._tta_groups
+            if not has:
+                del module.forward

@@ -63,6 +63,8 @@ class GraTa(TTAdapter):
         seed: seed of the default strong augmentation.
         batch_views: forward the weak views as one batch with per-view BatchNorm statistics (True) or one
             view at a time (False; same result, slower, for comparison).
+        bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them: 0 (the paper: the
+            batch's own statistics), N > 0 (mixed with the source statistics counted as N samples).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class GraTa(TTAdapter):
         views: Sequence = WEAK_VIEWS,
         seed: int = 0,
         batch_views: bool = True,
+        bn_prior: float = 0.0,
     ) -> None:
         for name, value in (("aux", aux), ("pseudo", pseudo)):
             if value not in LOSSES:
@@ -90,7 +93,7 @@ class GraTa(TTAdapter):
             raise ValueError(f"beta must be positive, got {beta}")
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
-        super().__init__(model, episodic=episodic)
+        super().__init__(model, episodic=episodic, bn_prior=bn_prior)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
         self.views = WeakViews(views)
 

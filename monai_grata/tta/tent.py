@@ -20,11 +20,14 @@ class Tent(TTAdapter):
         lr: Adam learning rate (1e-4 in GraTa's benchmark).
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-4, episodic: bool = False, multilabel: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float = 1e-4, episodic: bool = False, multilabel: bool = True, bn_prior: float = 0.0
+    ) -> None:
         self.lr, self.multilabel = float(lr), multilabel
-        super().__init__(model, episodic=episodic)
+        super().__init__(model, episodic=episodic, bn_prior=bn_prior)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
