@@ -107,6 +107,19 @@ def test_train_empty_dataset_is_reported(tmp_path):
     assert run.returncode != 0 and "empty dataset" in run.stderr
 
 
+@pytest.mark.parametrize(
+    "name,overrides,message",
+    [
+        ("train.json", {}, "the training split of 'refuge_train' has 6 images, fewer than one batch (--batch_size 8"),
+        ("train_uda.json", {"batch_size": 8}, "the adaptation split of 'drishti_gs' has 4 images"),
+    ],
+)
+def test_a_split_smaller_than_one_batch_is_a_one_line_error(tmp_path, name, overrides, message):
+    run = run_config(name, output_dir=tmp_path / "out", epochs=1, **overrides, **SMALL)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert message in run.stderr.strip().splitlines()[-1] and "or less" in run.stderr
+
+
 def test_metadata_verifies_offline():
     schema = os.path.join(REPO_ROOT, "bundles", "grata", "docs", "metadata_schema.json")
     run = bundle("verify_metadata", "--meta_file", config("metadata.json"), "--filepath", schema)

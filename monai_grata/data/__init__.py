@@ -1,12 +1,17 @@
+from .checks import BadInputError, MissingInputError, check_loader, report_bad_input_briefly
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "BadInputError",
+    "MissingInputError",
     "check_image_size",
+    "check_loader",
     "domain_datalist",
     "folder_datalist",
     "fundus_preprocessing",
+    "report_bad_input_briefly",
     "split_train_val",
     "target_datalist",
 ]

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from monai.data import load_decathlon_datalist
 
+from .checks import BadInputError, MissingInputError
+
 __all__ = ["IMAGE_SUFFIXES", "domain_datalist", "folder_datalist", "split_train_val", "target_datalist"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz")
@@ -24,11 +26,11 @@ def _stem(path: str) -> str:
 
 def _check_files(items: Sequence[dict], what: str) -> list[dict]:
     if not items:
-        raise ValueError(f"empty dataset: no images found for {what}")
+        raise BadInputError(f"empty dataset: no images found for {what}")
     for item in items:
         for key in ("image", "label"):
             if key in item and not os.path.isfile(item[key]):
-                raise FileNotFoundError(f"{key} file not found: {item[key]!r} (listed for {what})")
+                raise MissingInputError(f"{key} file not found: {item[key]!r} (listed for {what})")
     return list(items)
 
 
@@ -47,7 +49,7 @@ def folder_datalist(image_dir: str, label_dir: str | None = None) -> list[dict]:
         ValueError: when it holds no image.
     """
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"image folder not found: {image_dir!r}")
+        raise MissingInputError(f"image folder not found: {image_dir!r}")
     images = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
     labels = {}
     if label_dir is not None and os.path.isdir(label_dir):
@@ -82,11 +84,11 @@ def domain_datalist(dataset_dir: str, domain: str | None = None, datalist: str |
         datalist = os.path.join(dataset_dir, "datalist.json")
     if datalist is not None:
         if not os.path.isfile(datalist):
-            raise FileNotFoundError(f"datalist not found: {datalist!r}")
+            raise MissingInputError(f"datalist not found: {datalist!r}")
         with open(datalist) as f:
             keys = list(json.load(f))
         if domain not in keys:
-            raise ValueError(f"domain {domain!r} not in datalist {datalist!r}; it has {keys}")
+            raise BadInputError(f"domain {domain!r} not in datalist {datalist!r}; it has {keys}")
         items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=domain, base_dir=dataset_dir)
         return _check_files(items, f"domain {domain!r} of {datalist!r}")
     root = dataset_dir if domain is None else os.path.join(dataset_dir, domain)
@@ -108,7 +110,7 @@ def split_train_val(items: Sequence[dict], val_fraction: float = 0.2, seed: int 
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(items) < 2:
-        raise ValueError(f"need at least 2 items to split, got {len(items)}")
+        raise BadInputError(f"need at least 2 items to split, got {len(items)}")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(items) * val_fraction))
@@ -138,10 +140,10 @@ def target_datalist(
             name = os.path.basename(os.path.normpath(dataset_dir))
             return [dict(item, domain=name) for item in domain_datalist(dataset_dir)]
         if not os.path.isfile(datalist):
-            raise FileNotFoundError(f"datalist not found: {datalist!r}")
+            raise MissingInputError(f"datalist not found: {datalist!r}")
         with open(datalist) as f:
             target = [domain for domain in json.load(f) if domain != source]
     targets = [target] if isinstance(target, str) else list(target)
     if not targets:
-        raise ValueError(f"no target domain to adapt to (source {source!r})")
+        raise BadInputError(f"no target domain to adapt to (source {source!r})")
     return [dict(item, domain=d) for d in targets for item in domain_datalist(dataset_dir, d, datalist)]
