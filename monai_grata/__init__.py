@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import data, engines, handlers, losses, networks, transforms, tta, utils  # noqa: E402
+from . import data, engines, handlers, losses, networks, optimizers, transforms, tta, utils  # noqa: E402
 
 __all__ = ["data", "engines", "handlers", "losses", "networks", "transforms", "tta", "utils"]

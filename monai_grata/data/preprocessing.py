@@ -6,7 +6,32 @@ import monai.transforms as mt
 
 from monai_grata.transforms import DiscCupFromLabeld, EnsureImageChannelsd
 
-__all__ = ["check_image_size", "fundus_preprocessing"]
+__all__ = ["AUGMENTATIONS", "check_image_size", "fundus_preprocessing"]
+
+AUGMENTATIONS = ("none", "standard", "strong")
+
+
+def _strong_augmentation(keys: list[str]) -> list:
+    """Spatial and intensity augmentation in the spirit of the authors' batchgenerators recipe (elastic
+    deformation, rotation, scaling, mirroring, brightness / contrast / gamma), with MONAI transforms."""
+    modes = ("bilinear", "nearest")
+    return [
+        mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+        mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+        mt.Rand2DElasticd(
+            keys=keys, spacing=(32, 32), magnitude_range=(0.0, 2.0), prob=0.2, rotate_range=3.1416,
+            scale_range=(0.15, 0.15), mode=modes, padding_mode="zeros", allow_missing_keys=True,
+        ),  # fmt: skip
+        mt.RandAffined(
+            keys=keys, prob=0.3, rotate_range=3.1416, scale_range=(0.15, 0.15), mode=modes, padding_mode="zeros",
+            allow_missing_keys=True,
+        ),  # fmt: skip
+        mt.RandScaleIntensityd(keys="image", factors=0.25, prob=0.3),
+        mt.RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
+        mt.RandStdShiftIntensityd(keys="image", factors=0.25, prob=0.3),
+        mt.RandGaussianNoised(keys="image", std=0.03, prob=0.15),
+        mt.ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+    ]
 
 
 def check_image_size(image_size: int) -> int:
@@ -22,7 +47,7 @@ def fundus_preprocessing(
     in_channels: int = 3,
     spatial_dims: int = 2,
     resize_label: bool = True,
-    augment: bool = False,
+    augment: bool | str = False,
 ) -> mt.Compose:
     """Load, check, min-max scale and resize an ``{"image", "label"}`` item (the label is optional).
 
@@ -37,7 +62,9 @@ def fundus_preprocessing(
         spatial_dims: 2 for images, 3 for volumes.
         resize_label: resize the label with the image (training); ``False`` keeps the label at the
             original size, for metrics on the original grid after inverting the prediction.
-        augment: add the training augmentation (random flips, 90-degree rotations, mild intensity).
+        augment: the training augmentation: ``False``/``"none"``; ``True``/``"standard"`` (random flips,
+            90-degree rotations, mild intensity); ``"strong"`` (the kind of the authors' source training: flips,
+            rotation by any angle, scaling 0.85–1.15, elastic deformation, brightness, contrast, gamma, noise).
 
     Returns:
         A ``monai.transforms.Compose``.
@@ -53,7 +80,11 @@ def fundus_preprocessing(
     if resize_label:
         transforms.append(mt.Resized(keys=label_keys, spatial_size=size, mode="nearest", allow_missing_keys=True))
     transforms.append(DiscCupFromLabeld(keys=label_keys, allow_missing_keys=True))
-    if augment:
+    if augment not in AUGMENTATIONS + (True, False):
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if augment == "strong":
+        transforms += _strong_augmentation(["image", "label"])
+    elif augment in (True, "standard"):
         transforms += [
             mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0, allow_missing_keys=True),
             mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1, allow_missing_keys=True),
