@@ -182,6 +182,44 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """A labelled folder: an RGB, a grayscale and an RGBA image (all usable) and a file that is no image."""
+    rng = np.random.default_rng(0)
+    for sub in ("images", "labels"):
+        (tmp_path / "mixed" / sub).mkdir(parents=True)
+    for name, channels in (("a_rgb", 3), ("b_gray", 1), ("c_rgba", 4)):
+        image = rng.integers(0, 255, (48, 56, channels), dtype=np.uint8)
+        path = tmp_path / "mixed" / "images" / f"{name}.png"
+        Image.fromarray(image[..., 0] if channels == 1 else image).save(path)
+        label = np.zeros((48, 56), np.uint8)
+        label[10:30, 10:30], label[15:25, 15:25] = 1, 2
+        Image.fromarray(label).save(tmp_path / "mixed" / "labels" / f"{name}.png")
+    (tmp_path / "mixed" / "images" / "d_broken.png").write_text("not an image")
+    return tmp_path / "mixed"
+
+
+def test_inference_refuses_a_bad_file_before_adapting(mixed_folder, tmp_path):
+    out = tmp_path / "out"
+    run = run_config("inference.json", dataset_dir=mixed_folder, output_dir=out, **SMALL)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 bad input: image ") and "d_broken.png' cannot be read" in last
+    assert "--on_bad_input skip" in last and not (out / "masks").exists()
+
+
+def test_inference_skips_a_bad_file_and_lists_it(mixed_folder, tmp_path):
+    out = tmp_path / "out"
+    overrides = {"dataset_dir": mixed_folder, "output_dir": out, "on_bad_input": "skip", **SMALL}
+    log = assert_ok(run_config("inference.json", **overrides))
+    assert "skipping image" in log and "d_broken.png" in log
+    assert sorted(os.listdir(out / "masks")) == ["a_rgb_mask.png", "b_gray_mask.png", "c_rgba_mask.png"]
+    metrics = read_json(str(out), "metrics.json")
+    assert metrics["n_images"] == 3 and metrics["n_skipped"] == 1
+    (skipped,) = metrics["skipped"]
+    assert skipped["image"].endswith("d_broken.png") and "cannot be read" in skipped["reason"]
+
+
 @pytest.mark.parametrize("alignment,harmonization", [("adversarial", "gh++"), ("entropy", "gh")])
 def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonization):
     out = str(tmp_path / "uda")

@@ -87,11 +87,11 @@ def _error_chain(call) -> str:
 
 
 def test_bad_inputs_name_the_file(tmp_path):
-    gray = str(tmp_path / "gray.png")
-    _write_png(gray, np.zeros((32, 32), np.uint8))
+    two = str(tmp_path / "two.png")
+    _write_png(two, np.zeros((32, 32, 2), np.uint8))  # grayscale + alpha: not converted
     assert re.search(
-        r"gray.png' has 1 channels, the network expects 3",
-        _error_chain(lambda: fundus_preprocessing()({"image": gray})),
+        r"two.png' has 2 channels, the network expects 3",
+        _error_chain(lambda: fundus_preprocessing()({"image": two})),
     )
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")

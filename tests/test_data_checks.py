@@ -1,10 +1,14 @@
+import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from monai_grata.data import BadInputError, MissingInputError, check_loader, domain_datalist
+from monai_grata.data import BadInputError, MissingInputError, check_inputs, check_loader, domain_datalist
 
 
 def test_check_loader_names_the_numbers_and_the_option():
@@ -34,3 +38,61 @@ def test_bad_input_is_reported_in_one_line_without_traceback():
     assert run.returncode == 1 and run.stderr == "error: image a.png: unreadable\n"
     run = subprocess.run([sys.executable, "-c", code.replace("BadInputError('", "KeyError('")], capture_output=True)
     assert run.returncode == 1 and b"Traceback" in run.stderr
+
+
+def _png(path, array) -> str:
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """One good labelled image and one of each kind of bad input the checks must name."""
+    rgb = np.zeros((32, 40, 3))
+    label = np.zeros((32, 40))
+    items = [{"image": _png(tmp_path / "good.png", rgb), "label": _png(tmp_path / "good_label.png", label)}]
+    items.append({"image": _png(tmp_path / "gray.png", rgb[..., 0])})  # converted, not bad
+    items.append({"image": _png(tmp_path / "rgba.png", np.zeros((32, 40, 4)))})  # converted, not bad
+    (tmp_path / "text.png").write_text("not an image")
+    items.append({"image": str(tmp_path / "text.png")})
+    whole = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    items.append({"image": str(tmp_path / "truncated.png")})
+    items.append({"image": _png(tmp_path / "two.png", np.zeros((32, 40, 2)))})
+    items.append({"image": _png(tmp_path / "small.png", rgb), "label": _png(tmp_path / "small_l.png", label[:16])})
+    items.append({"image": _png(tmp_path / "odd.png", rgb), "label": _png(tmp_path / "odd_l.png", label + 255)})
+    return items
+
+
+BAD = {
+    "text.png": r"image '.*text.png' cannot be read \(UnidentifiedImageError",
+    "truncated.png": r"image '.*truncated.png' cannot be read \(",
+    "two.png": r"image '.*two.png' has 2 channels, the network expects 3",
+    "small.png": r"label '.*small_l.png' is 40x16, its image '.*small.png' is 40x32",
+    "odd.png": r"label values \[255.0\] outside \[0, 1, 2\] in '.*odd_l.png'",
+}
+
+
+def test_check_inputs_error_names_every_bad_file_in_one_line(folder):
+    with pytest.raises(BadInputError) as info:
+        check_inputs(folder)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("5 bad inputs: ") and "--on_bad_input skip" in message
+    for pattern in BAD.values():
+        assert re.search(pattern, message), pattern
+
+
+def test_check_inputs_skip_keeps_the_good_and_lists_the_bad(folder, caplog):
+    kept, skipped = check_inputs(folder, on_bad_input="skip")
+    assert [os.path.basename(it["image"]) for it in kept] == ["good.png", "gray.png", "rgba.png"]
+    assert [os.path.basename(s["image"]) for s in skipped] == list(BAD)
+    for entry, pattern in zip(skipped, BAD.values(), strict=True):
+        assert re.search(pattern, entry["reason"])
+    assert sum("skipping" in r.message for r in caplog.records) == 5
+
+
+def test_check_inputs_nothing_usable_or_unknown_mode(folder):
+    with pytest.raises(BadInputError, match="no usable input: all 1 images are bad"):
+        check_inputs(folder[3:4], on_bad_input="skip")
+    with pytest.raises(BadInputError, match="--on_bad_input must be one of error|skip"):
+        check_inputs(folder, on_bad_input="ignore")

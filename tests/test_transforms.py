@@ -95,3 +95,17 @@ def test_strong_aug_3d_and_bad_input():
         StrongIntensityAug()(torch.rand(16, 16))
     with pytest.raises(ValueError, match="gamma"):
         StrongIntensityAug(gamma=(1.2, 2.0))
+
+
+def test_grayscale_becomes_rgb_and_rgba_loses_alpha():
+    from monai_grata.transforms import EnsureImageChannels
+
+    to_rgb = EnsureImageChannels(in_channels=3)
+    gray = torch.full((1, 5, 6), 7.0)
+    assert torch.equal(to_rgb(gray), torch.full((3, 5, 6), 7.0))
+    rgba = torch.arange(4.0)[:, None, None].expand(4, 5, 6)
+    assert torch.equal(to_rgb(rgba), rgba[:3])
+    nifti_rgba = torch.arange(4.0).expand(1, 5, 6, 4)  # a 2-D NIfTI colour image loads as (1, H, W, C)
+    assert torch.equal(to_rgb(nifti_rgba), rgba[:3])
+    with pytest.raises(ValueError, match="has 2 channels, the network expects 3"):
+        to_rgb(torch.zeros(2, 5, 6))

@@ -1,12 +1,21 @@
-from .checks import BadInputError, MissingInputError, check_loader, report_bad_input_briefly
+from .checks import (
+    BAD_INPUT_CHOICES,
+    BadInputError,
+    MissingInputError,
+    check_inputs,
+    check_loader,
+    report_bad_input_briefly,
+)
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
 
 __all__ = [
+    "BAD_INPUT_CHOICES",
     "IMAGE_SUFFIXES",
     "BadInputError",
     "MissingInputError",
     "check_image_size",
+    "check_inputs",
     "check_loader",
     "domain_datalist",
     "folder_datalist",

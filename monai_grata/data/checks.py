@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from monai.transforms import LoadImaged
 from torch.utils.data import DataLoader
 
-__all__ = ["BadInputError", "MissingInputError", "check_loader", "report_bad_input_briefly"]
+from monai_grata.transforms import DiscCupFromLabeld, EnsureImageChannelsd
+
+__all__ = [
+    "BAD_INPUT_CHOICES",
+    "BadInputError",
+    "MissingInputError",
+    "check_inputs",
+    "check_loader",
+    "report_bad_input_briefly",
+]
+
+BAD_INPUT_CHOICES = ("error", "skip")
+logger = logging.getLogger(__name__)
 
 
 class BadInputError(ValueError):
@@ -44,6 +58,91 @@ def check_loader(loader: DataLoader, what: str, option: str = "--batch_size") ->
         f"{what} has {n} images, fewer than one batch ({option} {batch_size}, incomplete batches dropped): "
         f"pass {option} {n} or less, or add images"
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _problem(item: dict, load: Callable, channels: Callable, labels: Callable) -> str | None:
+    """What is wrong with one ``{"image", "label"}`` item (naming the file), or ``None``."""
+    data = {}
+    for key in ("image", "label"):
+        if key in item:
+            try:
+                data.update(load({key: item[key]}))
+            except Exception as err:  # PIL, nibabel and MONAI raise many types for an unreadable file
+                return f"{key} {str(item[key])!r} cannot be read ({_first_line(err)})"
+    try:
+        image = channels(data)["image"]
+        if "label" in data and tuple(data["label"].shape[1:]) != tuple(image.shape[1:]):
+            sizes = ["x".join(str(n) for n in t.shape[1:]) for t in (data["label"], image)]
+            return f"label {str(item['label'])!r} is {sizes[0]}, its image {str(item['image'])!r} is {sizes[1]}"
+        if "label" in data:
+            labels(data)
+    except ValueError as err:  # the transforms' own messages name the file and the problem
+        return str(err)
+    return None
+
+
+def check_inputs(
+    items: Sequence[dict],
+    in_channels: int = 3,
+    spatial_dims: int = 2,
+    label_values: Sequence[int] = (0, 1, 2),
+    on_bad_input: str = "error",
+) -> tuple[list[dict], list[dict]]:
+    """Read every image (and label) once before any work starts, so a bad file stops the run up front (or is
+    left out) instead of aborting a stream part-way.
+
+    Each item is loaded as the preprocessing loads it (``LoadImaged``, then :class:`EnsureImageChannelsd`,
+    which turns a grayscale image into 3 channels and drops the alpha channel of an RGBA one). Problems found:
+    an unreadable or truncated file, an image with a channel count that cannot be converted, a label whose
+    size differs from its image's, a label with more than one channel or with values outside
+    ``label_values``.
+
+    Args:
+        items: the datalist, ``[{"image": path, "label": path (optional), ...}, ...]``.
+        in_channels: channels the network takes.
+        spatial_dims: 2 for images, 3 for volumes.
+        label_values: the values a label map may hold.
+        on_bad_input: ``"error"`` raises :class:`BadInputError` naming every bad file; ``"skip"`` logs a
+            warning per bad file and leaves it out.
+
+    Returns:
+        (the usable items, in order; ``[{"image": path, "reason": text}, ...]`` for the items left out).
+
+    Raises:
+        BadInputError: a bad file with ``on_bad_input="error"``, no usable item left, or an unknown
+            ``on_bad_input``.
+    """
+    if on_bad_input not in BAD_INPUT_CHOICES:
+        raise BadInputError(f"--on_bad_input must be one of {'|'.join(BAD_INPUT_CHOICES)}, got {on_bad_input!r}")
+    load = LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)
+    channels = EnsureImageChannelsd(keys="image", in_channels=in_channels, spatial_dims=spatial_dims)
+    labels = DiscCupFromLabeld(keys="label", allowed=tuple(label_values), allow_missing_keys=True)
+    if not items:
+        raise BadInputError("empty dataset: no images to check")
+    kept, skipped = [], []
+    for item in items:
+        problem = _problem(item, load, channels, labels)
+        if problem is None:
+            kept.append(item)
+        else:
+            skipped.append({"image": str(item["image"]), "reason": problem})
+    if skipped and on_bad_input == "error":
+        reasons = "; ".join(entry["reason"] for entry in skipped[:10])
+        more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        raise BadInputError(
+            f"{len(skipped)} bad input{'s' if len(skipped) > 1 else ''}: {reasons}{more} "
+            "(fix or remove the files, or pass --on_bad_input skip to leave them out)"
+        )
+    for entry in skipped:
+        logger.warning(f"skipping {entry['reason']}")
+    if not kept:
+        raise BadInputError(f"no usable input: all {len(skipped)} images are bad (first: {skipped[0]['reason']})")
+    return kept, skipped
 
 
 def _bad_input(error: BaseException | None) -> BadInputError | None:

@@ -40,6 +40,8 @@ class MetricsReport:
     counts the others, e.g. an empty prediction), the same per group as ``<group>/dice_mean`` etc. when
     ``group_key`` is set, writes ``{output_dir}/{csv_name}`` with one row per image, and puts the summary
     into ``engine.state.metrics`` so that ``MLFlowHandler``/``StatsHandler`` attached after it log it.
+    Inputs left out before the run (see :func:`monai_grata.data.check_inputs`) are listed in the JSON as
+    ``skipped`` (``[{"image", "reason"}, ...]``) and counted as ``n_skipped``.
 
     Args:
         output_dir: the folder to write into (created if missing).
@@ -51,6 +53,7 @@ class MetricsReport:
         json_name: the summary file name.
         csv_name: the per-image file name.
         extra: a callable returning more summary entries (e.g. the no-adapt scores of the same run).
+        skipped: the inputs left out of the run, ``[{"image": path, "reason": text}, ...]``.
     """
 
     def __init__(
@@ -64,10 +67,12 @@ class MetricsReport:
         json_name: str = "metrics.json",
         csv_name: str = "per_image.csv",
         extra: Callable[[], dict[str, float]] | None = None,
+        skipped: Sequence[dict] | None = None,
     ) -> None:
         self.output_dir, self.channel_names = output_dir, tuple(channel_names)
         self.dice_name, self.assd_name, self.image_key, self.group_key = dice_name, assd_name, image_key, group_key
         self.json_name, self.csv_name, self.extra = json_name, csv_name, extra
+        self.skipped = list(skipped or [])
         self.filenames: list[str] = []
         self.groups: list[str] = []
         self.summary: dict[str, float] = {}
@@ -121,6 +126,8 @@ class MetricsReport:
                 summary.update({f"{group}/{k}": v for k, v in self._summarise(rows).items()})
         if self.extra is not None:
             summary.update(self.extra())
+        if self.skipped:
+            summary["n_skipped"] = len(self.skipped)
         self.summary = summary
         self._write()
         engine.state.metrics.update({k: v for k, v in summary.items() if math.isfinite(v)})
@@ -131,7 +138,8 @@ class MetricsReport:
     def _write(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, self.json_name), "w") as f:
-            json.dump({k: (v if math.isfinite(v) else None) for k, v in self.summary.items()}, f, indent=2)
+            written = {k: (v if math.isfinite(v) else None) for k, v in self.summary.items()}
+            json.dump({**written, "skipped": self.skipped} if self.skipped else written, f, indent=2)
         header = ["filename"] + (["group"] if self.group_key else [])
         header += [f"{m}_{n}" for m in self.per_image for n in self.channel_names]
         with open(os.path.join(self.output_dir, self.csv_name), "w", newline="") as f:

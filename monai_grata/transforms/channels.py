@@ -12,10 +12,13 @@ __all__ = ["EnsureImageChannels", "EnsureImageChannelsd"]
 
 
 class EnsureImageChannels(Transform):
-    """Check that a channel-first image has the channels the network expects, with a clear error.
+    """Give a channel-first image the channels the network expects, or raise a clear error.
 
+    For a 3-channel (RGB) network two conversions are unambiguous and made here: a grayscale image
+    (1 channel) is repeated into 3 identical channels, and an RGBA image (4 channels) loses its alpha
+    channel. Any other mismatch raises ``ValueError`` naming the file.
     A 2D NIfTI colour image loads as (1, H, W, C); it is moved to (C, H, W) here (its metadata keeps the
-    file's 3-D layout, so a mask saved from it gets a trailing singleton axis, see ``inference.json``).
+    file's 3-D layout, so a mask saved from it gets a trailing singleton axis, see ``SaveMaskd``).
     Non-finite pixels are left as they are (the test-time adapters report and skip such images).
 
     Args:
@@ -32,13 +35,18 @@ class EnsureImageChannels(Transform):
             img: a channel-first image, as ``LoadImage(ensure_channel_first=True)`` gives it.
         """
         name = (getattr(img, "meta", {}) or {}).get("filename_or_obj", "<array>")
-        if img.ndim == self.spatial_dims + 2 and img.shape[0] == 1 and img.shape[-1] == self.in_channels:
+        convertible = (self.in_channels, 4) if self.in_channels == 3 else (self.in_channels,)
+        if img.ndim == self.spatial_dims + 2 and img.shape[0] == 1 and img.shape[-1] in convertible:
             img = img[0].movedim(-1, 0)
         if img.ndim != self.spatial_dims + 1:
             raise ValueError(
                 f"image {name!r} has shape {tuple(img.shape)}: "
                 f"expected {self.spatial_dims} spatial axes and a channel axis"
             )
+        if self.in_channels == 3 and img.shape[0] == 1:  # grayscale
+            img = img.repeat(3, *[1] * self.spatial_dims)
+        elif self.in_channels == 3 and img.shape[0] == 4:  # RGBA: drop alpha
+            img = img[:3]
         if img.shape[0] != self.in_channels:
             raise ValueError(f"image {name!r} has {img.shape[0]} channels, the network expects {self.in_channels}")
         return img
