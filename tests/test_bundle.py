@@ -182,6 +182,21 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
+def test_inference_on_a_folder_mixing_nifti_and_png(tmp_path):
+    import nibabel as nib
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    scan = np.random.default_rng(0).random((50, 60, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(scan, np.eye(4)), str(folder / "a.nii.gz"))
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(folder / "b.png")
+    out = tmp_path / "out"
+    assert_ok(run_config("inference.json", dataset_dir=folder, output_dir=out, **SMALL))
+    assert sorted(os.listdir(out / "masks")) == ["a_mask.nii.gz", "b_mask.png"]
+    assert nib.load(str(out / "masks" / "a_mask.nii.gz")).shape[:2] == (50, 60)
+    assert np.asarray(Image.open(out / "masks" / "b_mask.png")).shape == (40, 30)
+
+
 @pytest.fixture
 def mixed_folder(tmp_path):
     """A labelled folder: an RGB, a grayscale and an RGBA image (all usable) and a file that is no image."""

@@ -1,9 +1,11 @@
 from .channels import EnsureImageChannels, EnsureImageChannelsd
 from .intensity import StrongIntensityAug, StrongIntensityAugd
+from .io import NIFTI_SUFFIXES, SaveMaskd, is_nifti
 from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd
 from .views import WEAK_VIEWS, WeakViews, WeakViewsd
 
 __all__ = [
+    "NIFTI_SUFFIXES",
     "WEAK_VIEWS",
     "DiscCupFromLabel",
     "DiscCupFromLabeld",
@@ -11,8 +13,10 @@ __all__ = [
     "EnsureImageChannelsd",
     "LabelFromDiscCup",
     "LabelFromDiscCupd",
+    "SaveMaskd",
     "StrongIntensityAug",
     "StrongIntensityAugd",
     "WeakViews",
     "WeakViewsd",
+    "is_nifti",
 ]
