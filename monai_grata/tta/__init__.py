@@ -3,6 +3,7 @@
 from .base import (
     NORM_LAYERS,
     TTAdapter,
+    adapter_class,
     adapter_names,
     build_adapter,
     collect_norm_params,
@@ -22,6 +23,7 @@ __all__ = [
     "GraTa",
     "TTAdapter",
     "Tent",
+    "adapter_class",
     "adapter_names",
     "build_adapter",
     "collect_norm_params",

@@ -15,6 +15,7 @@ from .batchnorm import source_prior_batch_norm
 __all__ = [
     "NORM_LAYERS",
     "TTAdapter",
+    "adapter_class",
     "adapter_names",
     "build_adapter",
     "collect_norm_params",
@@ -37,6 +38,17 @@ def register_adapter(name: str) -> Callable[[type[TTAdapter]], type[TTAdapter]]:
     return decorator
 
 
+def adapter_class(name: str) -> type[TTAdapter]:
+    """The adapter class registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown test-time adaptation method {name!r}; choose from {adapter_names()}")
+    return _REGISTRY[name]
+
+
 def adapter_names() -> list[str]:
     """The names :func:`build_adapter` accepts."""
     return sorted(_REGISTRY)
@@ -50,9 +62,7 @@ def build_adapter(name: str, model: nn.Module, **kwargs) -> TTAdapter:
         model: the source model; it is adapted in place.
         kwargs: the adapter's constructor arguments.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown test-time adaptation method {name!r}; choose from {adapter_names()}")
-    return _REGISTRY[name](model, **kwargs)
+    return adapter_class(name)(model, **kwargs)
 
 
 def _norm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -131,6 +141,9 @@ class TTAdapter(nn.Module):
             N > 0: with the test statistics mixed with the source running statistics, the source counted as N
             samples (:func:`~monai_grata.tta.source_prior_batch_norm`); ``math.inf``: with the source statistics.
     """
+
+    #: whether results depend on a random seed (a benchmark then runs several seeds)
+    stochastic: bool = False
 
     def __init__(self, model: nn.Module, episodic: bool = False, bn_prior: float = 0.0) -> None:
         super().__init__()

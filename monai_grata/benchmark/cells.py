@@ -1,0 +1,211 @@
+"""One benchmark cell: adapt a source model continually over a target's images at batch size 1 and score it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_average_surface_distance, compute_dice
+from monai.utils import set_determinism
+from torch import nn
+
+from monai_grata.data import domain_datalist, fundus_preprocessing, split_train_val
+from monai_grata.networks import load_weights, resunet
+from monai_grata.tta import adapter_class, build_adapter
+from monai_grata.utils.per_image import finite_mean
+
+__all__ = [
+    "CHANNELS",
+    "Cell",
+    "MethodSpec",
+    "load_target",
+    "parse_method",
+    "predict_stream",
+    "run_cell",
+    "target_items",
+]
+
+CHANNELS = ("od", "oc")
+VAL_SUFFIX = ":val"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method name with constructor options, written ``name`` or ``name:key=value,key=value``."""
+
+    name: str
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """The canonical text of the spec (options sorted), used as the table row and the MLflow param."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_format_value(v)}" for k, v in sorted(self.options.items()))
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return str(value)
+
+
+def _parse_value(text: str):
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("inf", "+inf"):
+        return math.inf
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse ``name`` or ``name:key=value,...`` (values: numbers, ``true``/``false``, ``inf`` or text).
+
+    Raises:
+        ValueError: an option without ``=``.
+    """
+    name, _, rest = text.partition(":")
+    options = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"method option {part!r} in {text!r} is not key=value")
+        options[key.strip()] = _parse_value(value)
+    return MethodSpec(name.strip(), options)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, source, target, seed) run of the benchmark."""
+
+    method: MethodSpec
+    source: str
+    target: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.label}|{self.source}|{self.target}|{self.seed}"
+
+
+def target_items(dataset_dir: str, target: str, datalist: str | None = None) -> list[dict]:
+    """The labelled items of a target domain in datalist order; ``DOMAIN:val`` is the source model's own held-out
+    validation split of ``DOMAIN`` (the 80/20 split of ``split_train_val``, seed 0, as train.json makes it)."""
+    if target.endswith(VAL_SUFFIX):
+        return split_train_val(domain_datalist(dataset_dir, target[: -len(VAL_SUFFIX)], datalist))[1]
+    return domain_datalist(dataset_dir, target, datalist)
+
+
+def load_target(items: Sequence[dict], image_size: int) -> list[dict[str, torch.Tensor]]:
+    """Preprocess every item once (as inference.json does), so that all cells of a target share the tensors.
+
+    Raises:
+        ValueError: an item without a label (the benchmark scores every prediction).
+    """
+    transform = fundus_preprocessing(image_size=image_size, resize_label=False)
+    loaded = []
+    for item in items:
+        if "label" not in item:
+            raise ValueError(f"benchmark items need labels; {item['image']!r} has none")
+        data = transform(dict(item))
+        loaded.append({"image": data["image"].as_tensor(), "label": data["label"].as_tensor(), "name": item["image"]})
+    return loaded
+
+
+def _source_model(ckpt_path: str, device: torch.device) -> nn.Module:
+    return load_weights(resunet(), ckpt_path).to(device)
+
+
+def _score(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and symmetric ASSD per channel of one image, the prediction mapped back to the label's grid."""
+    probs = torch.sigmoid(logits.float())
+    if probs.shape[2:] != label.shape[1:]:
+        probs = F.interpolate(probs, size=label.shape[1:], mode="bilinear", align_corners=False)
+    pred = (probs >= 0.5).float()
+    label = label[None].to(pred.device)
+    dice = compute_dice(pred, label, include_background=True, ignore_empty=True)[0]
+    assd = compute_average_surface_distance(pred, label, include_background=True, symmetric=True)[0]
+    return dice.cpu(), assd.cpu()
+
+
+def predict_stream(
+    cell: Cell, images: Sequence[dict[str, torch.Tensor]], ckpt_path: str, device: str | torch.device = "cpu"
+) -> tuple[list[torch.Tensor], float, nn.Module | None]:
+    """Adapt the source model continually over ``images`` (batch size 1, in order); only ``item["image"]`` is
+    read, never the label.
+
+    Returns:
+        The logits of every image (from the model adapted up to and including it), the seconds spent adapting
+        and predicting, and the adapter (``None`` for ``none``).
+    """
+    device = torch.device(device)
+    set_determinism(seed=cell.seed)
+    model = _source_model(ckpt_path, device)
+    if cell.method.name == "none":
+        model.eval()
+        adapter = None
+    else:
+        options = dict(cell.method.options)
+        if "seed" in inspect.signature(adapter_class(cell.method.name)).parameters:
+            options.setdefault("seed", cell.seed)
+        adapter = build_adapter(cell.method.name, model, **options)
+    logits_all, elapsed = [], 0.0
+    for item in images:
+        x = item["image"][None].to(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = adapter(x) if adapter is not None else model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+        logits_all.append(logits)
+    return logits_all, elapsed, adapter
+
+
+def run_cell(
+    cell: Cell, images: Sequence[dict[str, torch.Tensor]], ckpt_path: str, device: str | torch.device = "cpu"
+) -> tuple[dict[str, float], list[dict]]:
+    """Adapt over ``images`` with :func:`predict_stream`, then score every prediction against its label.
+
+    Args:
+        cell: method, source, target, seed.
+        images: preprocessed items from :func:`load_target`.
+        ckpt_path: the source model's checkpoint.
+        device: where the model runs.
+
+    Returns:
+        The summary (``dice_od``, ``dice_oc``, ``dice_mean``, ``assd_od``, ``assd_oc``, ``n_images``,
+        ``images_per_s``, ``n_skipped``, ``n_rolled_back``) and one row per image.
+    """
+    logits_all, elapsed, adapter = predict_stream(cell, images, ckpt_path, device)
+    rows, dice, assd = [], [], []
+    for item, logits in zip(images, logits_all, strict=True):
+        d, a = _score(logits, item["label"])
+        dice.append(d)
+        assd.append(a)
+        rows.append({"filename": item["name"], **{f"dice_{c}": float(d[i]) for i, c in enumerate(CHANNELS)}})
+        rows[-1].update({f"assd_{c}": float(a[i]) for i, c in enumerate(CHANNELS)})
+    dice_t, assd_t = torch.stack(dice), torch.stack(assd)
+    summary: dict[str, float] = {}
+    for i, c in enumerate(CHANNELS):
+        summary[f"dice_{c}"] = finite_mean(dice_t[:, i])[0]
+        summary[f"assd_{c}"] = finite_mean(assd_t[:, i])[0]
+    summary["dice_mean"] = sum(summary[f"dice_{c}"] for c in CHANNELS) / len(CHANNELS)
+    summary["n_images"] = len(images)
+    summary["images_per_s"] = len(images) / elapsed if elapsed > 0 else float("nan")
+    summary["n_skipped"] = getattr(adapter, "n_skipped", 0)
+    summary["n_rolled_back"] = getattr(adapter, "n_rolled_back", 0)
+    return summary, rows
+

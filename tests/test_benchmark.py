@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+
+from monai_grata.benchmark import Cell, load_target, parse_method, predict_stream, summarise, target_items
+from monai_grata.benchmark.__main__ import main as benchmark_main
+from monai_grata.benchmark.compare import main as compare_main
+from monai_grata.benchmark.compare import records_from_store
+
+SAMPLE = "bundles/grata/sample"
+MODELS = "bundles/grata/models"
+
+
+def test_parse_method_options_and_label():
+    spec = parse_method("grata:beta=0.001,bn_prior=inf,align=false,aux=entropy")
+    assert spec.name == "grata"
+    assert spec.options == {"beta": 0.001, "bn_prior": math.inf, "align": False, "aux": "entropy"}
+    assert spec.label == "grata:align=false,aux=entropy,beta=0.001,bn_prior=inf"
+    assert parse_method("none").label == "none"
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("grata:beta")
+
+
+def test_held_out_split_target_is_the_source_validation_split():
+    val = target_items(SAMPLE, "refuge_train:val")
+    assert len(val) == 2 and all("refuge_train" in item["image"] for item in val)
+
+
+def test_adapters_never_read_the_label():
+    images = load_target(target_items(SAMPLE, "drishti_gs")[:2], 256)
+    poisoned = [dict(item, label=torch.full_like(item["label"], float("nan"))) for item in images]
+    cell = Cell(parse_method("grata"), "refuge_train", "drishti_gs", 0)
+    clean = predict_stream(cell, images, f"{MODELS}/source_refuge_train.pt")[0]
+    dirty = predict_stream(cell, [{"image": item["image"]} for item in poisoned], f"{MODELS}/source_refuge_train.pt")[0]
+    for a, b in zip(clean, dirty, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_benchmark_end_to_end_resumes_and_compare_reads_back(tmp_path):
+    args = ["--dataset_dir", SAMPLE, "--sources", "refuge_train", "--targets", "drishti_gs", "refuge_val",
+            "--max_images", "2", "--output_dir", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    first = benchmark_main(args + ["--methods", "none"])
+    assert set(first["methods"]) == {"none"}
+    # an interrupted grid run again: the finished 'none' cells are not repeated
+    summary = benchmark_main(args + ["--methods", "none", "norm:bn_prior=4"])
+    records = records_from_store(str(tmp_path))
+    assert len(records) == 4  # no cell ran twice
+    assert {r["method"] for r in records} == {"none", "norm:bn_prior=4"}
+    for ext in ("md", "csv", "png"):
+        assert (tmp_path / f"table.{ext}").stat().st_size > 0
+    rebuilt = compare_main([str(tmp_path), "--output_dir", str(tmp_path / "rebuilt")])
+    for key, stats in summary["cells"].items():
+        assert rebuilt["cells"][key]["dice_mean"] == pytest.approx(stats["dice_mean"], nan_ok=True)
+    assert (tmp_path / "rebuilt" / "table.md").read_text() == (tmp_path / "table.md").read_text()
+
+
+def test_summary_means_and_stds_over_seeds():
+    records = [
+        {"method": "m", "source": "a", "target": "b", "seed": s, "dice_mean": v, "images_per_s": 1.0}
+        for s, v in ((0, 0.5), (1, 0.7))
+    ]
+    summary = summarise(records)
+    mean, std, n = summary["cells"][("m", "a→b")]["dice_mean"]
+    assert (n, mean) == (2, pytest.approx(0.6)) and std == pytest.approx(0.1414, abs=1e-4)
+    assert summary["average"]["m"][0] == pytest.approx(0.6)
