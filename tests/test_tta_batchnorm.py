@@ -81,3 +81,21 @@ def test_norm_with_a_prior_matches_the_reference_and_rejects_a_negative_prior():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="bn_prior"):
         build_adapter("norm", net, bn_prior=-1)
+
+
+def test_momentum_makes_the_prior_follow_the_stream_only_when_predicting():
+    net = tiny_net()
+    source = copy.deepcopy(net.state_dict())
+    adapter = build_adapter("norm", net, bn_prior=4.0, bn_momentum=0.5)
+    bn = net[1]
+    x = torch.rand(1, 3, 16, 16) * 3 + 1
+    with torch.no_grad():
+        net(x)  # a forward outside the adapter's prediction leaves the prior alone
+    assert torch.equal(bn.running_mean, source["1.running_mean"])
+    adapter(x)
+    expected = 0.5 * source["1.running_mean"] + 0.5 * net[0](x).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected.detach(), rtol=1e-5, atol=1e-5)
+    adapter.reset()
+    assert torch.equal(bn.running_mean, source["1.running_mean"])
+    with pytest.raises(ValueError, match="needs a source prior"):
+        build_adapter("norm", tiny_net(), bn_momentum=0.1)

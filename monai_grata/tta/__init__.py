@@ -10,7 +10,7 @@ from .base import (
     configure_batch_statistics,
     register_adapter,
 )
-from .batchnorm import batch_statistics_weight, per_group_batch_norm, source_prior_batch_norm
+from .batchnorm import batch_statistics_weight, per_group_batch_norm, source_prior_batch_norm, track_test_statistics
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
 from .norm import BatchNormStatistics
@@ -32,6 +32,7 @@ __all__ = [
     "entropy_loss",
     "per_group_batch_norm",
     "source_prior_batch_norm",
+    "track_test_statistics",
     "batch_statistics_weight",
     "probabilities",
     "register_adapter",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .batchnorm import source_prior_batch_norm
+from .batchnorm import source_prior_batch_norm, track_test_statistics
 
 __all__ = [
     "NORM_LAYERS",
@@ -140,16 +140,22 @@ class TTAdapter(nn.Module):
         bn_prior: how BatchNorm normalises. 0 (the papers' setting): with the test batch's own statistics;
             N > 0: with the test statistics mixed with the source running statistics, the source counted as N
             samples (:func:`~monai_grata.tta.source_prior_batch_norm`); ``math.inf``: with the source statistics.
+        bn_momentum: with ``bn_prior`` > 0, how fast the prior follows the test stream: after each prediction the
+            running statistics move by this fraction towards the batch's (0: the prior stays the source's).
     """
 
     #: whether results depend on a random seed (a benchmark then runs several seeds)
     stochastic: bool = False
 
-    def __init__(self, model: nn.Module, episodic: bool = False, bn_prior: float = 0.0) -> None:
+    def __init__(
+        self, model: nn.Module, episodic: bool = False, bn_prior: float = 0.0, bn_momentum: float = 0.0
+    ) -> None:
         super().__init__()
         if not bn_prior >= 0:
             raise ValueError(f"bn_prior must be >= 0 (0: test statistics only, inf: source statistics), got {bn_prior}")
-        self.bn_prior = float(bn_prior)
+        if bn_momentum and not bn_prior:
+            raise ValueError("bn_momentum needs a source prior (bn_prior > 0): with bn_prior 0 there is none to update")
+        self.bn_prior, self.bn_momentum = float(bn_prior), float(bn_momentum)
         self.model = self.configure_model(model)
         self.params = self.collect_params(self.model)
         self.model.requires_grad_(False)
@@ -167,7 +173,7 @@ class TTAdapter(nn.Module):
         """Prepare the model for adaptation (default: eval mode; every BatchNorm normalises as ``bn_prior`` says)."""
         if self.bn_prior == 0:
             return configure_batch_statistics(model.eval())
-        return source_prior_batch_norm(model.eval(), self.bn_prior)
+        return source_prior_batch_norm(model.eval(), self.bn_prior, self.bn_momentum)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters to adapt (default: normalisation affine parameters)."""
@@ -217,5 +223,5 @@ class TTAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapt on ``x``, then return the logits of ``x`` from the updated model."""
         self.adapt_batch(x)
-        with torch.no_grad(), record_function("tta/predict"):
+        with torch.no_grad(), record_function("tta/predict"), track_test_statistics(self.model):
             return self.model(x)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["per_group_batch_norm", "source_prior_batch_norm", "batch_statistics_weight"]
+__all__ = ["batch_statistics_weight", "per_group_batch_norm", "source_prior_batch_norm", "track_test_statistics"]
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -47,43 +47,75 @@ def _tta_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torc
         out = F.batch_norm(folded, None, None, weight, bias, True, 0.0, self.eps)
         return out.reshape(per_group, groups, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
     if math.isinf(prior):
+        if getattr(self, "_tta_track", False):
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, dim=(0, *range(2, x.ndim)), correction=0)
+                self.running_mean.lerp_(mean, self._tta_momentum)
+                self.running_var.lerp_(var, self._tta_momentum)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
     grouped = x.reshape(groups, per_group, c, *x.shape[2:])
-    var, mean = torch.var_mean(grouped, dim=(1, *range(3, grouped.ndim)), correction=0, keepdim=True)
+    batch_var, batch_mean = torch.var_mean(grouped, dim=(1, *range(3, grouped.ndim)), correction=0, keepdim=True)
     shape = (1, 1, c) + (1,) * (x.ndim - 2)
     w = batch_statistics_weight(per_group, prior)
-    mean = w * mean + (1 - w) * self.running_mean.view(shape)
-    var = w * var + (1 - w) * self.running_var.view(shape)
+    mean = w * batch_mean + (1 - w) * self.running_mean.view(shape)
+    var = w * batch_var + (1 - w) * self.running_var.view(shape)
+    if getattr(self, "_tta_track", False):
+        # the prior follows the test stream: an exponential moving average of the test statistics
+        momentum = self._tta_momentum
+        with torch.no_grad():
+            self.running_mean.lerp_(batch_mean.detach().mean(dim=0).reshape(c), momentum)
+            self.running_var.lerp_(batch_var.detach().mean(dim=0).reshape(c), momentum)
     out = (grouped - mean) * torch.rsqrt(var + self.eps)
     if self.weight is not None:
         out = out * self.weight.view(shape) + self.bias.view(shape)
     return out.reshape(x.shape)
 
 
-def source_prior_batch_norm(model: nn.Module, prior: float) -> nn.Module:
+def source_prior_batch_norm(model: nn.Module, prior: float, momentum: float = 0.0) -> nn.Module:
     """Make every BatchNorm of ``model`` normalise with the test batch's statistics mixed with its source running
     statistics, in train and eval mode alike (Schneider et al., NeurIPS 2020):
 
         mean = n/(N+n) · mean_test + N/(N+n) · mean_source,   var = n/(N+n) · var_test + N/(N+n) · var_source
 
     where n is the batch size and N the prior strength. The running statistics are kept (so a reset restores
-    them) and never updated. Gradients flow through the test statistics as in train-mode BatchNorm.
+    them). With ``momentum`` m > 0 the prior follows the test stream: inside :func:`track_test_statistics`, each
+    forward moves the running statistics towards the batch's, ``running = (1 - m) · running + m · batch``, so the
+    prior pools the recent test images (about 1/m of them). Gradients flow through the batch statistics as in
+    train-mode BatchNorm.
 
     Args:
         model: the network, changed in place.
-        prior: N > 0 (``math.inf``: the source statistics alone, as in eval mode).
+        prior: N > 0 (``math.inf``: the running statistics alone, as in eval mode).
+        momentum: m in [0, 1), how fast the prior follows the test statistics (0: it stays the source's).
 
     Raises:
         ValueError: for a negative prior, or a BatchNorm without running statistics.
     """
     if not prior > 0:
         raise ValueError(f"the prior strength must be positive (0 means test statistics only), got {prior}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"the momentum of the prior must be in [0, 1), got {momentum}")
     for module in _batch_norms(model):
         if module.running_mean is None or module.running_var is None:
             raise ValueError(f"{type(module).__name__} has no running statistics to use as the source prior")
         module._tta_prior = float(prior)
+        module._tta_momentum = float(momentum)
         module.forward = types.MethodType(_tta_forward, module)
     return model
+
+
+@contextlib.contextmanager
+def track_test_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the context, the forwards of a model configured by :func:`source_prior_batch_norm` with a momentum
+    move its prior towards the batch statistics (an adapter predicts each test batch once inside it)."""
+    tracking = [m for m in _batch_norms(model) if getattr(m, "_tta_momentum", 0.0) > 0]
+    for module in tracking:
+        module._tta_track = True
+    try:
+        yield model
+    finally:
+        for module in tracking:
+            module._tta_track = False
 
 
 @contextlib.contextmanager

@@ -21,13 +21,20 @@ class Tent(TTAdapter):
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
         bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
+        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
     """
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-4, episodic: bool = False, multilabel: bool = True, bn_prior: float = 0.0
+        self,
+        model: nn.Module,
+        lr: float = 1e-4,
+        episodic: bool = False,
+        multilabel: bool = True,
+        bn_prior: float = 0.0,
+        bn_momentum: float = 0.0,
     ) -> None:
         self.lr, self.multilabel = float(lr), multilabel
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior)
+        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
