@@ -17,3 +17,32 @@ def _seed():
 @pytest.fixture
 def sample_dir() -> str:
     return SAMPLE_DIR
+
+
+# Device-specific code is tested on every device this machine has: "cuda" is reported as skipped without one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs once per device (cpu, and cuda when available)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a test runs on, once per device; on CUDA with TF32 off, so results compare with float32
+    references as on the CPU (cuDNN convolutions default to TF32 on recent GPUs)."""
+    if request.param != "cuda":
+        yield torch.device(request.param)
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

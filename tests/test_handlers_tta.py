@@ -19,27 +19,27 @@ def loader(domains=("a", "a", "b", "b")):
     return DataLoader(data, batch_size=1, shuffle=False)
 
 
-def evaluator(network, handlers):
-    return SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=loader(), network=network, val_handlers=handlers
-    )
+def evaluator(network, handlers, device="cpu"):
+    return SupervisedEvaluator(device=device, val_data_loader=loader(), network=network, val_handlers=handlers)
 
 
-def test_evaluator_forward_sees_adapted_weights():
-    source = tiny_net()
+def test_evaluator_forward_sees_adapted_weights(device):
+    # the evaluator moves each batch to the device; the handler adapts on that copy
+    source = tiny_net().to(device)
     reference = GraTa(copy.deepcopy(source), beta=1e-2, seed=2)
-    expected = [reference(batch["image"]) for batch in loader()]
+    expected = [reference(batch["image"].to(device)) for batch in loader()]
 
     network = copy.deepcopy(source)
     handler = GraTaHandler(beta=1e-2, seed=2)
-    engine = evaluator(network, [handler])
+    engine = evaluator(network, [handler], device)
     preds = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
     engine.run()
     assert handler.adapter.model is network
     assert len(handler.history) == 4
     for got, want in zip(preds, expected, strict=True):
-        torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6)
+        assert got.device.type == device.type
+        torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6 if device.type == "cpu" else 1e-5)
     assert set(engine.state.tta) == {"cos", "lr", "loss_aux", "loss_pseudo"}
 
 

@@ -70,9 +70,9 @@ def reference_grata(model: nn.Module, images: list[torch.Tensor], beta: float, s
     return model
 
 
-def test_grata_matches_plain_algorithm_1():
-    source = tiny_net()
-    images = [torch.rand(1, 3, 16, 16) for _ in range(2)]
+def test_grata_matches_plain_algorithm_1(device):
+    source = tiny_net().to(device)
+    images = [torch.rand(1, 3, 16, 16, device=device) for _ in range(2)]
     expected = reference_grata(source, images, beta=1e-2, seed=5)
     adapter = GraTa(copy.deepcopy(source), beta=1e-2, seed=5)
     for x in images:
@@ -80,7 +80,8 @@ def test_grata_matches_plain_algorithm_1():
     got, want = dict(adapter.model.named_parameters()), dict(expected.named_parameters())
     changed = 0
     for name, value in got.items():
-        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6, msg=name)
+        assert value.device.type == device.type
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6 if device.type == "cpu" else 1e-5, msg=name)
         if not torch.equal(value, dict(source.named_parameters())[name]):
             changed += 1
             assert name.split(".")[0] in {"1", "4"}, f"non-norm parameter {name} changed"
@@ -100,10 +101,10 @@ def test_reset_restores_source_bit_exactly():
         assert torch.equal(dict(adapter.model.named_parameters())[name], value)
 
 
-def test_batched_views_equal_separate_forwards():
-    net = tiny_net()
+def test_batched_views_equal_separate_forwards(device):
+    net = tiny_net().to(device)
     adapter = GraTa(net)
-    x = torch.rand(2, 3, 16, 16)
+    x = torch.rand(2, 3, 16, 16, device=device)
     stacked = adapter.views(x)
     with torch.no_grad(), per_group_batch_norm(adapter.model, 6):
         batched = adapter.model(stacked)
@@ -112,8 +113,8 @@ def test_batched_views_equal_separate_forwards():
         single = adapter.model(stacked[:1])
     torch.testing.assert_close(batched, separate, rtol=0, atol=1e-5)
     # batch size 1 per view: per-view statistics are the per-sample statistics of one image
-    adapter_1 = GraTa(tiny_net())
-    x1 = torch.rand(1, 3, 16, 16)
+    adapter_1 = GraTa(tiny_net().to(device))
+    x1 = torch.rand(1, 3, 16, 16, device=device)
     views = adapter_1.views(x1)
     with torch.no_grad(), per_group_batch_norm(adapter_1.model, 6):
         batched_1 = adapter_1.model(views)
@@ -123,6 +124,18 @@ def test_batched_views_equal_separate_forwards():
     assert single.shape == (1, 2, 16, 16)
     # the patch is removed after the context
     assert "forward" not in vars(adapter.model[1])
+
+
+def test_adam_steps_with_the_dynamic_lr(device):
+    # one plain Adam on every device: its lr is the step's dynamic lr, set as a float (no capturable branch)
+    adapter = GraTa(tiny_net().to(device), beta=1e-2)
+    assert not adapter.optimizer.defaults["capturable"]
+    for _ in range(2):
+        adapter(torch.rand(1, 3, 16, 16, device=device))
+        lr = adapter.optimizer.param_groups[0]["lr"]
+        assert isinstance(lr, float) and lr == float(adapter.last_stats["lr"])
+    assert all(v.device.type == device.type for v in adapter.last_stats.values())
+    assert float(adapter.optimizer.state[adapter.params[0]]["step"]) == 2
 
 
 def test_stats_and_options():
