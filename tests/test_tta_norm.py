@@ -1,8 +1,10 @@
 import copy
+import math
 
+import pytest
 import torch
 
-from monai_grata.tta import BatchNormStatistics, build_adapter
+from monai_grata.tta import BatchNormStatistics, build_adapter, entropy_loss
 
 from .test_tta_grata import tiny_net
 
@@ -21,3 +23,21 @@ def test_norm_uses_batch_statistics_and_never_changes_weights():
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, unadapted)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_norm_select_predicts_with_the_most_confident_candidate():
+    net = tiny_net()
+    source = copy.deepcopy(net)
+    x = torch.rand(1, 3, 16, 16) * 3 + 1
+    with torch.no_grad():
+        candidates = {math.inf: source.eval()(x), 0.0: copy.deepcopy(source).train()(x)}
+    entropy = {k: float(entropy_loss(v)) for k, v in candidates.items()}
+    adapter = build_adapter("norm_select", net, priors=[math.inf, 0.0])
+    before = copy.deepcopy(net.state_dict())
+    out = adapter(x)
+    chosen = min(entropy, key=entropy.get)
+    assert float(adapter.last_stats["prior"]) == chosen
+    torch.testing.assert_close(out, candidates[chosen], rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="priors"):
+        build_adapter("norm_select", tiny_net(), priors=[-1.0])

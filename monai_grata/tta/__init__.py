@@ -10,15 +10,22 @@ from .base import (
     configure_batch_statistics,
     register_adapter,
 )
-from .batchnorm import batch_statistics_weight, per_group_batch_norm, source_prior_batch_norm, track_test_statistics
+from .batchnorm import (
+    batch_statistics_weight,
+    per_group_batch_norm,
+    set_prior_strength,
+    source_prior_batch_norm,
+    track_test_statistics,
+)
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
-from .norm import BatchNormStatistics
+from .norm import BatchNormStatistics, SelectedBatchNormStatistics
 from .tent import Tent
 
 __all__ = [
     "ACTIVATIONS",
     "BatchNormStatistics",
+    "SelectedBatchNormStatistics",
     "NORM_LAYERS",
     "GraTa",
     "TTAdapter",
@@ -31,6 +38,7 @@ __all__ = [
     "consistency_loss",
     "entropy_loss",
     "per_group_batch_norm",
+    "set_prior_strength",
     "source_prior_batch_norm",
     "track_test_statistics",
     "batch_statistics_weight",

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["batch_statistics_weight", "per_group_batch_norm", "source_prior_batch_norm", "track_test_statistics"]
+__all__ = [
+    "batch_statistics_weight",
+    "per_group_batch_norm",
+    "set_prior_strength",
+    "source_prior_batch_norm",
+    "track_test_statistics",
+]
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -102,6 +108,20 @@ def source_prior_batch_norm(model: nn.Module, prior: float, momentum: float = 0.
         module._tta_momentum = float(momentum)
         module.forward = types.MethodType(_tta_forward, module)
     return model
+
+
+def set_prior_strength(model: nn.Module, prior: float) -> None:
+    """Change the prior strength N of a model configured by :func:`source_prior_batch_norm` (0 allowed here:
+    the batch's own statistics alone).
+
+    Raises:
+        ValueError: a model not configured by :func:`source_prior_batch_norm`.
+    """
+    layers = _batch_norms(model)
+    if not all(hasattr(m, "_tta_prior") for m in layers):
+        raise ValueError("the model's BatchNorm layers have no source prior: configure it with source_prior_batch_norm")
+    for module in layers:
+        module._tta_prior = float(prior)
 
 
 @contextlib.contextmanager

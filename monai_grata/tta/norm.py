@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
+from torch import nn
 
 from .base import TTAdapter, register_adapter
+from .batchnorm import set_prior_strength
+from .losses import entropy_loss
 
-__all__ = ["BatchNormStatistics"]
+__all__ = ["BatchNormStatistics", "SelectedBatchNormStatistics"]
 
 
 @register_adapter("norm")
@@ -25,3 +31,47 @@ class BatchNormStatistics(TTAdapter):
 
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
+
+
+@register_adapter("norm_select")
+class SelectedBatchNormStatistics(TTAdapter):
+    """Backward-free: per test batch, normalise with the source prior strength whose prediction is the most
+    confident (lowest mean entropy) among ``priors``; no weight changes.
+
+    Each candidate N mixes the batch's statistics with the source statistics as in
+    :func:`~monai_grata.tta.source_prior_batch_norm` (``inf``: the source statistics, i.e. No Adapt; 0: the
+    batch's own statistics). A source-like test image keeps the source statistics; a shifted one, whose
+    source-statistics prediction is uncertain, takes as much of its own statistics as makes it confident.
+    Costs one forward per candidate plus the prediction.
+
+    After each call ``last_stats`` holds ``prior`` (the chosen N) and ``loss_aux`` (its entropy).
+
+    Args:
+        model: the source network (configured in place).
+        priors: the candidate prior strengths N (≥ 0; ``math.inf`` allowed).
+        episodic: accepted for a uniform interface; there is no state to reset.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        priors: Sequence[float] = (math.inf, 64.0, 16.0, 4.0, 0.0),
+        episodic: bool = False,
+        multilabel: bool = True,
+    ) -> None:
+        priors = [float(p) for p in priors]
+        if not priors or any(not p >= 0 for p in priors):
+            raise ValueError(f"priors must be a non-empty list of numbers >= 0 (inf allowed), got {priors}")
+        self.priors, self.multilabel = priors, multilabel
+        super().__init__(model, episodic=episodic, bn_prior=math.inf)
+
+    @torch.no_grad()
+    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        entropies = []
+        for prior in self.priors:
+            set_prior_strength(self.model, prior)
+            entropies.append(entropy_loss(self.model(x), self.multilabel))
+        best = int(torch.stack(entropies).argmin())
+        set_prior_strength(self.model, self.priors[best])
+        return {"prior": torch.tensor(self.priors[best]), "loss_aux": entropies[best].detach()}
