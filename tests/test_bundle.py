@@ -80,7 +80,8 @@ def test_train_runs_validates_and_resumes(trained):
     assert "continues with batch_size=3 (logged as 2)" in resumed_log  # one MLflow run across the resume
     assert latest_checkpoint(out).endswith("epoch=2.pt")
     assert best_checkpoint(out) is not None
-    assert os.path.isfile(os.path.join(out, "mlflow.db"))
+    runs, _ = mlflow_runs(out, "grata_source_training")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run across the resume, ended
 
 
 def test_evaluate_on_sample(source_model, tmp_path):
@@ -93,6 +94,7 @@ def test_evaluate_on_sample(source_model, tmp_path):
     with open(os.path.join(out, "per_image.csv")) as f:
         rows = f.read().strip().splitlines()
     assert rows[0].startswith("filename,dice_od,dice_oc") and len(rows) == 9
+    assert [r.info.status for r in mlflow_runs(out, "grata_evaluate")[0]] == ["FINISHED"]
 
 
 def test_evaluate_missing_checkpoint_is_named(tmp_path):
@@ -235,6 +237,48 @@ def test_inference_skips_a_bad_file_and_lists_it(mixed_folder, tmp_path):
     assert skipped["image"].endswith("d_broken.png") and "cannot be read" in skipped["reason"]
 
 
+def test_inference_that_fails_mid_stream_ends_its_mlflow_run_failed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "masks").write_text("a file where the masks folder should be: writing the first mask fails")
+    run = run_config("inference.json", output_dir=out, method="none", **SMALL)
+    assert run.returncode != 0
+    runs, _ = mlflow_runs(str(out), "grata_inference")
+    assert [r.info.status for r in runs] == ["FAILED"] and "masks" in runs[0].data.tags["error"]
+    assert not (out / "metrics.json").exists()
+
+
+def test_ctrl_c_leaves_no_running_run_and_no_partial_file(tmp_path):
+    import re
+    import signal
+    import threading
+
+    out = tmp_path / "out"
+    args = ["--output_dir", str(out), "--device", "cpu", "--image_size", "64", "--method", "none"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", config("inference.json"), *args],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stderr, started = [], threading.Event()
+
+    def read():  # the progress bar shows an iteration once the engine (and its MLflow run) has started
+        while char := process.stderr.read(1):
+            stderr.append(char)
+            if not started.is_set() and re.search(r"adapting \(none\)\S* \[1/", "".join(stderr[-200:])):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(timeout=300), "".join(stderr)[-3000:]
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    reader.join(timeout=10)
+    assert process.returncode != 0 and "KeyboardInterrupt" in "".join(stderr)
+    runs, _ = mlflow_runs(str(out), "grata_inference")
+    assert [r.info.status for r in runs] == ["FAILED"] and runs[0].data.tags["error"] == "KeyboardInterrupt"
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("alignment,harmonization", [("adversarial", "gh++"), ("entropy", "gh")])
 def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonization):
     out = str(tmp_path / "uda")
@@ -274,6 +318,7 @@ def test_train_uda_evaluate_source_scores_the_held_out_split_without_training(so
     assert metrics["iterations"] == 0 and metrics["conflict_fraction"] is None and metrics["n_images"] == 4
     assert 0.0 <= metrics["dice_mean"] <= 1.0
     assert not [f for f in os.listdir(out) if f.startswith("last_checkpoint")]
+    assert [r.info.status for r in mlflow_runs(out, "grata_uda")[0]] == ["FINISHED"]
 
 
 def test_train_uda_rejects_unknown_alignment(source_model, tmp_path):

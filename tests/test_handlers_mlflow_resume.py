@@ -34,6 +34,7 @@ def test_resumed_run_keeps_one_mlflow_run_and_tags_changed_params(tmp_path, capl
     assert not any(key == "changed_param.lr" for key in run.data.tags)
     assert "batch_size=3 (logged as 2)" in caplog.text
     assert len(client.get_metric_history(run.info.run_id, "Loss")) == 4
+    assert run.info.status == "FINISHED"  # each training ends its run; the resume reopened it
 
 
 def test_plain_mlflow_handler_fails_on_the_same_resume(tmp_path):

@@ -1,6 +1,7 @@
 from .harmonization import HARMONIZATION_KEYS, HarmonizationReport, harmonization_output_transform
 from .metrics_report import MetricsReport
 from .mlflow_resume import ResumableMLFlowHandler
+from .mlflow_run import MLFlowRunHandler
 from .stream_report import StreamReport
 from .tta import GraTaHandler, TTAHandler, tta_output_transform
 
@@ -8,6 +9,7 @@ __all__ = [
     "HARMONIZATION_KEYS",
     "GraTaHandler",
     "HarmonizationReport",
+    "MLFlowRunHandler",
     "MetricsReport",
     "ResumableMLFlowHandler",
     "StreamReport",

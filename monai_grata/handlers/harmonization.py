@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from monai_grata.utils.files import atomic_write
+
 __all__ = ["HARMONIZATION_KEYS", "HarmonizationReport", "harmonization_output_transform"]
 
 HARMONIZATION_KEYS = ("tau1", "tau2", "cos", "conflict", "loss_align", "loss_seg", "loss_disc")
@@ -70,7 +72,7 @@ class HarmonizationReport:
     def __call__(self, engine: Engine) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         summary = self.summary()
-        with open(os.path.join(self.output_dir, self.json_name), "w") as f:
+        with atomic_write(os.path.join(self.output_dir, self.json_name)) as f:
             json.dump(summary, f, indent=2)
         if summary["iterations"]:
             self.plot()
@@ -91,6 +93,7 @@ class HarmonizationReport:
         ax.set_title(f"conflicting iterations: {100 * float((dots < 0).float().mean()):.1f} %")
         fig.tight_layout()
         path = os.path.join(self.output_dir, self.plot_name)
-        fig.savefig(path, dpi=100)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
         return path

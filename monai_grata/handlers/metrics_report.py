@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from monai_grata.utils.files import atomic_write
 from monai_grata.utils.per_image import finite_mean
 
 __all__ = ["MetricsReport"]
@@ -137,12 +138,12 @@ class MetricsReport:
 
     def _write(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, self.json_name), "w") as f:
+        with atomic_write(os.path.join(self.output_dir, self.json_name)) as f:
             written = {k: (v if math.isfinite(v) else None) for k, v in self.summary.items()}
             json.dump({**written, "skipped": self.skipped} if self.skipped else written, f, indent=2)
         header = ["filename"] + (["group"] if self.group_key else [])
         header += [f"{m}_{n}" for m in self.per_image for n in self.channel_names]
-        with open(os.path.join(self.output_dir, self.csv_name), "w", newline="") as f:
+        with atomic_write(os.path.join(self.output_dir, self.csv_name), newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for i, name in enumerate(self.filenames):

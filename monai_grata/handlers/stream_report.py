@@ -9,6 +9,8 @@ import time
 import torch
 from ignite.engine import Engine, Events
 
+from monai_grata.utils.files import atomic_write
+
 from .metrics_report import MetricsReport
 from .tta import TTAHandler
 
@@ -110,6 +112,7 @@ class StreamReport:
         fig.tight_layout()
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, self.plot_name)
-        fig.savefig(path, dpi=100)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
         return path

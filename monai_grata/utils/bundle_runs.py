@@ -10,11 +10,14 @@ import sys
 import time
 from collections.abc import Mapping
 
+from .files import atomic_write
+
 __all__ = ["run_bundle_once", "write_metrics"]
 
 
 def write_metrics(path: str, *summaries: Mapping[str, float]) -> dict[str, float | None]:
-    """Merge summaries (later ones win) into one JSON file, non-finite values written as ``null``.
+    """Merge summaries (later ones win) into one JSON file, non-finite values written as ``null``; the file
+    is written atomically (complete or not at all).
 
     Args:
         path: the JSON file to write (its folder is created).
@@ -24,8 +27,7 @@ def write_metrics(path: str, *summaries: Mapping[str, float]) -> dict[str, float
         what was written.
     """
     merged = {k: (v if math.isfinite(v) else None) for s in summaries for k, v in s.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         json.dump(merged, f, indent=2)
     return merged
 

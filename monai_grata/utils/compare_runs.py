@@ -27,7 +27,8 @@ def _tracking_uri(location: str) -> str:
 
 
 def collect_runs(locations: Sequence[str], experiment: str | None = None, history: Sequence[str] = ()) -> list[dict]:
-    """One dict per run (``run_name``, ``params.*``, ``metrics.*``) from each store, optionally one experiment.
+    """One dict per run (``run_name``, ``status``, ``params.*``, ``metrics.*``, ``tags.*`` without MLflow's own)
+    from each store, optionally one experiment.
 
     Args:
         locations: output folders holding ``mlflow.db``, ``.db`` files, or tracking URIs.
@@ -43,7 +44,8 @@ def collect_runs(locations: Sequence[str], experiment: str | None = None, histor
         experiments = client.search_experiments()
         ids = [e.experiment_id for e in experiments if experiment is None or e.name == experiment]
         for run in client.search_runs(ids) if ids else []:
-            row = {"store": location, "run_name": run.info.run_name}
+            row = {"store": location, "run_name": run.info.run_name, "status": run.info.status}
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items() if not k.startswith("mlflow.")})
             row.update({f"params.{k}": v for k, v in run.data.params.items()})
             row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
             for name in history:
@@ -56,13 +58,21 @@ def collect_runs(locations: Sequence[str], experiment: str | None = None, histor
 
 
 def format_table(rows: Sequence[dict], params: Sequence[str], metrics: Sequence[str]) -> str:
-    """A markdown table of the given params and metrics (columns no run has are left out)."""
+    """A markdown table of the given params and metrics (columns no run has are left out).
+
+    The ``status`` column says how each run ended: ``FINISHED``, ``FAILED: <error>`` (the run's ``error`` tag,
+    see :class:`~monai_grata.handlers.MLFlowRunHandler`), or ``RUNNING`` for a run still going or one that
+    was killed before it could record its end.
+    """
     params = [p for p in params if any(f"params.{p}" in r for r in rows)]
     metrics = [m for m in metrics if any(f"metrics.{m}" in r for r in rows)]
-    header = ["run", *params, *metrics]
+    header = ["run", "status", *params, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        values = [str(r.get("run_name", ""))] + [str(r.get(f"params.{p}", "")) for p in params]
+        status = str(r.get("status", ""))
+        if r.get("tags.error"):
+            status += ": " + str(r["tags.error"])[:60].replace("|", "/")
+        values = [str(r.get("run_name", "")), status] + [str(r.get(f"params.{p}", "")) for p in params]
         for m in metrics:
             v = r.get(f"metrics.{m}")
             values.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}")

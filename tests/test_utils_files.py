@@ -1,0 +1,22 @@
+import json
+import os
+
+import pytest
+
+from monai_grata.utils import atomic_write
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    path = str(tmp_path / "sub" / "metrics.json")
+    with atomic_write(path) as f:
+        json.dump({"dice_mean": 0.5}, f)
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    with pytest.raises(KeyboardInterrupt), atomic_write(path) as f:
+        f.write('{"dice_mean": 0.')
+        raise KeyboardInterrupt
+    with open(path) as f:
+        assert json.load(f) == {"dice_mean": 0.5}
+    assert os.listdir(tmp_path / "sub") == ["metrics.json"]
+    with atomic_write(str(tmp_path / "plot.png"), "wb") as f:
+        f.write(b"\x89PNG")
+    assert (tmp_path / "plot.png").read_bytes() == b"\x89PNG"
