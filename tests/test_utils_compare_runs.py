@@ -22,9 +22,11 @@ def store(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("grata_inference")
     both = {"beta": "0.0001", "tent_lr": "0.001"}
-    log_run(client, experiment, "grata_run", {"method": "grata", **both}, {"dice_mean": 0.8}, "FINISHED")
+    domains = {"site_a/dice_mean": 0.9, "site_b/dice_mean": 0.7, "no_adapt_site_a/dice_mean": 0.85}
+    metrics = {"dice_mean": 0.8, "no_adapt_dice_mean": 0.8, "stream/dice_od": 0.5, **domains}
+    log_run(client, experiment, "grata_run", {"method": "grata", "seed": "0", **both}, metrics, "FINISHED")
     log_run(client, experiment, "tent_run", {"method": "tent", **both}, {"dice_mean": 0.7}, "FAILED", "OSError: full")
-    log_run(client, experiment, "none_run", {"method": "none"}, {"dice_mean": 0.75})
+    log_run(client, experiment, "none_run", {"method": "none", "seed": "0"}, {"dice_mean": 0.75})
     return str(tmp_path)
 
 
@@ -35,7 +37,26 @@ def test_status_column_shows_how_each_run_ended(store):
         "tent_run": "FAILED",
         "none_run": "RUNNING",
     }
-    table = format_table(list(rows.values()), ["method"], ["dice_mean"])
+    table = format_table(list(rows.values()), ["method"], ["dice_mean"], per_domain=False)
     assert table.splitlines()[0] == "| run | status | method | dice_mean |"
     assert "| tent_run | FAILED: OSError: full | tent | 0.7 |" in table
     assert "| grata_run | FINISHED | grata | 0.8 |" in table
+
+
+def test_baseline_deltas_per_domain_columns_and_only_applicable_params(store):
+    rows = collect_runs([store])
+    table = format_table(rows, ["method", "seed", "beta", "tent_lr"], ["dice_mean", "no_adapt_dice_mean"], "none_run")
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| run | status | method | seed | beta | tent_lr | dice_mean | Δ dice_mean | site_a/dice_mean | "
+        "Δ site_a/dice_mean | site_b/dice_mean | Δ site_b/dice_mean | no_adapt_dice_mean | Δ no_adapt_dice_mean | "
+        "no_adapt_site_a/dice_mean | Δ no_adapt_site_a/dice_mean |"
+    )
+    row = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert row["grata_run"].startswith("| grata_run | FINISHED | grata | 0 | 0.0001 |  | 0.8 | +0.05 | 0.9 |  | 0.7 |")
+    assert row["tent_run"].startswith("| tent_run | FAILED: OSError: full | tent |  |  | 0.001 | 0.7 | -0.05 |")
+    assert row["none_run (baseline)"].startswith("| none_run (baseline) | RUNNING | none | 0 |  |  | 0.75 | +0 |")
+    assert "stream" not in lines[0]
+    assert "site_a" not in format_table(rows, ["method"], ["dice_mean"], per_domain=False)
+    with pytest.raises(ValueError, match="--baseline: no run named 'nothing'"):
+        format_table(rows, ["method"], ["dice_mean"], "nothing")
