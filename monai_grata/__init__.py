@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 from . import data, engines, handlers, losses, networks, optimizers, transforms, tta, utils  # noqa: E402
 
-__all__ = ["data", "engines", "handlers", "losses", "networks", "transforms", "tta", "utils"]
+__all__ = ["data", "engines", "handlers", "losses", "networks", "optimizers", "transforms", "tta", "utils"]
