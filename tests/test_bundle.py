@@ -138,11 +138,23 @@ def test_network_in_out_verifies():
 
 def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path):
     out = str(tmp_path / "inference")
-    assert_ok(
-        run_config("inference.json", ckpt_path=source_model, target="drishti_gs", output_dir=out, beta=0.001, **SMALL)
-    )
+    run = run_config("inference.json", ckpt_path=source_model, target="drishti_gs", output_dir=out, beta=0.001, **SMALL)
+    assert_ok(run)
     metrics = read_json(out, "metrics.json")
     assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images", "no_adapt_dice_mean"} <= set(metrics)
+    # the console ends with one short summary; no metrics dicts, no warnings a user cannot act on
+    summary = run.stdout[run.stdout.index("Done: ") :].splitlines()
+    assert summary[0] == "Done: source model 'refuge_train', adapted with grata, 8 images in 1 domain."
+    no_adapt, adapted = (float(v) for v in summary[2].split()[1:])
+    assert summary[2].startswith("  all") and (no_adapt, adapted) == (
+        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4), pytest.approx(metrics["dice_mean"], abs=5e-4)
+    )
+    assert summary[3].startswith(f"Outputs in {out}: masks/") and "overlays/" in summary[3]
+    assert "mlflow ui --backend-store-uri sqlite:///" in summary[4] and len(summary) == 6
+    for noise in ("get_mask_edges", "resuming from iteration", "new best metric", "metrics: ", "is all 0", "dice: "):
+        assert noise not in run.stdout + run.stderr, noise
+    overlays = sorted(os.listdir(os.path.join(out, "overlays")))
+    assert overlays == [m.replace("_mask.png", "_overlay.png") for m in sorted(os.listdir(os.path.join(out, "masks")))]
     assert metrics["n_images"] == 8 and 0 <= metrics["dice_mean"] <= 1
     masks = sorted(os.listdir(os.path.join(out, "masks")))
     assert len(masks) == 8 and all(m.endswith("_mask.png") for m in masks)
@@ -159,6 +171,7 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert runs[0].data.metrics["dice_mean"] == pytest.approx(metrics["dice_mean"])
     assert len(client.get_metric_history(run_id, "cos")) == 8
     assert len(client.get_metric_history(run_id, "stream/dice_od")) == 8
+    assert not client.get_metric_history(run_id, "stream/cos")  # logged once, as "cos"
     table = format_table(collect_runs([out], "grata_inference"), ["method", "target"], ["dice_mean"])
     assert "| grata | drishti_gs |" in table and f"{metrics['dice_mean']:.4g}" in table
     cos = sorted(m.value for m in client.get_metric_history(run_id, "cos"))

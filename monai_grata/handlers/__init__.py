@@ -3,6 +3,7 @@ from .metrics_report import MetricsReport
 from .mlflow_resume import ResumableMLFlowHandler
 from .mlflow_run import MLFlowRunHandler
 from .stream_report import StreamReport
+from .summary import RunSummary
 from .tta import GraTaHandler, TTAHandler, tta_output_transform
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "MLFlowRunHandler",
     "MetricsReport",
     "ResumableMLFlowHandler",
+    "RunSummary",
     "StreamReport",
     "TTAHandler",
     "harmonization_output_transform",

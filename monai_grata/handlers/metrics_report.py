@@ -134,7 +134,7 @@ class MetricsReport:
         engine.state.metrics.update({k: v for k, v in summary.items() if math.isfinite(v)})
         if self.assd_name in engine.state.metrics and "assd_mean" in summary:
             engine.state.metrics[self.assd_name] = summary["assd_mean"]
-        self.logger.info("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        self.logger.debug("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
 
     def _write(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)

@@ -1,6 +1,6 @@
 from .channels import EnsureImageChannels, EnsureImageChannelsd
 from .intensity import StrongIntensityAug, StrongIntensityAugd
-from .io import NIFTI_SUFFIXES, SaveMaskd, is_nifti
+from .io import NIFTI_SUFFIXES, SaveMaskd, SaveOverlayd, is_nifti
 from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd
 from .views import WEAK_VIEWS, WeakViews, WeakViewsd
 
@@ -14,6 +14,7 @@ __all__ = [
     "LabelFromDiscCup",
     "LabelFromDiscCupd",
     "SaveMaskd",
+    "SaveOverlayd",
     "StrongIntensityAug",
     "StrongIntensityAugd",
     "WeakViews",

@@ -1,5 +1,6 @@
 from .bundle_runs import run_bundle_once, write_metrics
 from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint, prune_checkpoints
+from .console import quiet_console
 from .files import atomic_write
 from .per_image import finite_mean, mean_dice_of_rows, read_per_image_csv
 from .run_config import export_run_config
@@ -13,6 +14,7 @@ __all__ = [
     "latest_checkpoint",
     "mean_dice_of_rows",
     "prune_checkpoints",
+    "quiet_console",
     "read_per_image_csv",
     "run_bundle_once",
     "write_metrics",

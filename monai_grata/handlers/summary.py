@@ -1,0 +1,95 @@
+"""The few lines a user reads at the end of a run: what ran, how well, where the outputs are."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from ignite.engine import Engine, Events
+
+from .metrics_report import MetricsReport
+
+__all__ = ["RunSummary"]
+
+OUTPUTS = {
+    "masks": "masks/ (label maps: 0 background, 1 disc rim, 2 cup)",
+    "overlays": "overlays/ (masks drawn over the images)",
+    "metrics.json": "metrics.json",
+    "per_image.csv": "per_image.csv",
+    "stream.png": "stream.png",
+    "config.json": "config.json",
+}
+
+
+class RunSummary:
+    """Print a short summary when the evaluator completes: the method, the number of images and domains,
+    Dice (mean of disc and cup) of the unadapted and the adapted model per domain and overall, the files
+    written, how to open the MLflow run, and the inputs left out.
+
+    Args:
+        output_dir: the run's output folder.
+        method: the adaptation method (``"none"`` for none).
+        source: the source domain of the model.
+        report: the :class:`MetricsReport` of the evaluator (``None`` without labels).
+        reference: the :class:`MetricsReport` of the unadapted model on the same images, or ``None``.
+        tracking_uri: the MLflow tracking URI of the run.
+        skipped: the inputs left out (``[{"image", "reason"}, ...]``).
+        stream: where to print (default ``sys.stdout``).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        method: str,
+        source: str | None = None,
+        report: MetricsReport | None = None,
+        reference: MetricsReport | None = None,
+        tracking_uri: str | None = None,
+        skipped: Sequence[dict] = (),
+        stream=None,
+    ) -> None:
+        self.output_dir, self.method, self.source = output_dir, method, source
+        self.report, self.reference, self.tracking_uri = report, reference, tracking_uri
+        self.skipped, self.stream = list(skipped), stream
+        self.n_images, self.domains = 0, []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _dice_rows(self) -> list[str]:
+        if self.report is None or not self.report.summary:
+            return ["No labels: no Dice (the masks are the result)."]
+        columns = (["No Adapt"] if self.reference is not None and self.reference.summary else []) + [self.method]
+        lines = [f"  {'Dice (disc, cup mean)':<24}" + "".join(f"{c:>10}" for c in columns)]
+        domains = self.domains if len(self.domains) > 1 else []
+        for name, key in [(d, f"{d}/dice_mean") for d in domains] + [("all", "dice_mean")]:
+            values = [r.summary.get(key) for r in ([self.reference] if len(columns) == 2 else []) + [self.report]]
+            lines.append(f"  {name:<24}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in values))
+        return lines
+
+    def text(self) -> str:
+        """The summary."""
+        what = "no adaptation" if self.method == "none" else f"adapted with {self.method}"
+        source = f"source model {self.source!r}, " if self.source else ""
+        domains = f" in {len(self.domains)} domain{'s' if len(self.domains) != 1 else ''}" if self.domains else ""
+        lines = ["", f"Done: {source}{what}, {self.n_images} images{domains}."]
+        lines += self._dice_rows()
+        written = [text for name, text in OUTPUTS.items() if os.path.exists(os.path.join(self.output_dir, name))]
+        lines.append(f"Outputs in {self.output_dir}: " + ", ".join(written))
+        if self.tracking_uri:
+            lines.append(f"MLflow: mlflow ui --backend-store-uri {self.tracking_uri}  (then open http://127.0.0.1:5000)")
+            lines.append(f"        python -m monai_grata.utils.compare_runs {self.output_dir}")
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} bad input(s) (listed in metrics.json when there are labels):")
+            lines += [f"  {entry['reason']}" for entry in self.skipped[:5]]
+            lines += [f"  ... and {len(self.skipped) - 5} more"] if len(self.skipped) > 5 else []
+        return "\n".join(lines)
+
+    def __call__(self, engine: Engine) -> None:
+        self.n_images = engine.state.iteration * (getattr(engine.data_loader, "batch_size", None) or 1)
+        data = getattr(getattr(engine.data_loader, "dataset", None), "data", None)
+        if data is not None:
+            self.n_images = len(data)
+            self.domains = list(dict.fromkeys(str(item.get("domain")) for item in data if "domain" in item))
+        print(self.text(), file=self.stream or sys.stdout, flush=True)

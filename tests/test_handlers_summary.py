@@ -1,0 +1,41 @@
+import io
+
+from monai_grata.handlers import MetricsReport, RunSummary
+
+
+def report(tmp_path, summary):
+    r = MetricsReport(str(tmp_path))
+    r.summary = summary
+    return r
+
+
+def test_summary_compares_no_adapt_and_adapted_dice_per_domain(tmp_path):
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    adapted = report(tmp_path, {"dice_mean": 0.75, "a/dice_mean": 0.8, "b/dice_mean": 0.7})
+    no_adapt = report(tmp_path, {"dice_mean": 0.7, "a/dice_mean": 0.75, "b/dice_mean": 0.65})
+    skipped = [{"image": "x.png", "reason": "image 'x.png' cannot be read (OSError)"}]
+    summary = RunSummary(str(tmp_path), "grata", "refuge_train", adapted, no_adapt, "sqlite:///db", skipped)
+    summary.n_images, summary.domains = 5, ["a", "b"]
+    lines = summary.text().splitlines()
+    assert lines[1] == "Done: source model 'refuge_train', adapted with grata, 5 images in 2 domains."
+    assert lines[2].split() == ["Dice", "(disc,", "cup", "mean)", "No", "Adapt", "grata"]
+    assert [line.split() for line in lines[3:6]] == [
+        ["a", "0.750", "0.800"],
+        ["b", "0.650", "0.700"],
+        ["all", "0.700", "0.750"],
+    ]
+    assert (
+        lines[6].startswith(f"Outputs in {tmp_path}: masks/")
+        and "metrics.json" in lines[6]
+        and "stream" not in lines[6]
+    )
+    assert "mlflow ui --backend-store-uri sqlite:///db" in lines[7]
+    assert lines[-2].startswith("Skipped 1 bad input") and "x.png' cannot be read" in lines[-1]
+
+
+def test_summary_without_labels(tmp_path):
+    stream = io.StringIO()
+    summary = RunSummary(str(tmp_path), "none", stream=stream)
+    summary.n_images = 2
+    assert "Done: no adaptation, 2 images." in summary.text() and "No labels: no Dice" in summary.text()
