@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class MethodSpec:
 
 
 def _format_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float) and math.isinf(value):
@@ -65,20 +68,21 @@ def _parse_value(text: str):
     if lowered in ("inf", "+inf"):
         return math.inf
     try:
-        return json.loads(text)
+        return json.loads(re.sub(r"(?<![A-Za-z])inf(?![A-Za-z])", "Infinity", text))
     except json.JSONDecodeError:
         return text
 
 
 def parse_method(text: str) -> MethodSpec:
-    """Parse ``name`` or ``name:key=value,...`` (values: numbers, ``true``/``false``, ``inf`` or text).
+    """Parse ``name`` or ``name:key=value,...`` (values: numbers, ``true``/``false``, ``inf``, lists such as
+    ``[inf,16,0]``, or text).
 
     Raises:
         ValueError: an option without ``=``.
     """
     name, _, rest = text.partition(":")
     options = {}
-    for part in filter(None, rest.split(",")):
+    for part in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a list
         key, eq, value = part.partition("=")
         if not eq:
             raise ValueError(f"method option {part!r} in {text!r} is not key=value")

@@ -20,6 +20,7 @@ from .batchnorm import (
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
 from .norm import BatchNormStatistics, SelectedBatchNormStatistics
+from .presets import PRESETS, resolve_method
 from .tent import Tent
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "BatchNormStatistics",
     "SelectedBatchNormStatistics",
     "NORM_LAYERS",
+    "PRESETS",
     "GraTa",
     "TTAdapter",
     "Tent",
@@ -44,4 +46,5 @@ __all__ = [
     "batch_statistics_weight",
     "probabilities",
     "register_adapter",
+    "resolve_method",
 ]

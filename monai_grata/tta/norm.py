@@ -8,9 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from monai_grata.transforms import WeakViews
+
 from .base import TTAdapter, register_adapter
-from .batchnorm import set_prior_strength
-from .losses import entropy_loss
+from .batchnorm import per_group_batch_norm, set_prior_strength
+from .losses import entropy_loss, probabilities
 
 __all__ = ["BatchNormStatistics", "SelectedBatchNormStatistics"]
 
@@ -44,11 +46,16 @@ class SelectedBatchNormStatistics(TTAdapter):
     source-statistics prediction is uncertain, takes as much of its own statistics as makes it confident.
     Costs one forward per candidate plus the prediction.
 
-    After each call ``last_stats`` holds ``prior`` (the chosen N) and ``loss_aux`` (its entropy).
+    With ``criterion="consistency"`` the candidate whose weak views (GraTa's flips and rotations, each with its
+    own statistics, mapped back) agree best is chosen instead: the mean over pixels of the variance of the views'
+    probabilities; six forwards per candidate.
+
+    After each call ``last_stats`` holds ``prior`` (the chosen N) and ``loss_aux`` (its criterion value).
 
     Args:
         model: the source network (configured in place).
         priors: the candidate prior strengths N (≥ 0; ``math.inf`` allowed).
+        criterion: ``"entropy"`` (the most confident prediction) or ``"consistency"`` (the most view-consistent).
         episodic: accepted for a uniform interface; there is no state to reset.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
     """
@@ -57,21 +64,33 @@ class SelectedBatchNormStatistics(TTAdapter):
         self,
         model: nn.Module,
         priors: Sequence[float] = (math.inf, 64.0, 16.0, 4.0, 0.0),
+        criterion: str = "entropy",
         episodic: bool = False,
         multilabel: bool = True,
     ) -> None:
         priors = [float(p) for p in priors]
         if not priors or any(not p >= 0 for p in priors):
             raise ValueError(f"priors must be a non-empty list of numbers >= 0 (inf allowed), got {priors}")
-        self.priors, self.multilabel = priors, multilabel
+        if criterion not in ("entropy", "consistency"):
+            raise ValueError(f"criterion must be 'entropy' or 'consistency', got {criterion!r}")
+        self.priors, self.criterion, self.multilabel = priors, criterion, multilabel
+        self.views = WeakViews()
         super().__init__(model, episodic=episodic, bn_prior=math.inf)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """The criterion of the current prior on ``x`` (lower is better)."""
+        if self.criterion == "entropy":
+            return entropy_loss(self.model(x), self.multilabel)
+        with per_group_batch_norm(self.model, self.views.num_views):
+            logits = self.model(self.views(x))
+        return probabilities(self.views.inverse(logits), self.multilabel).var(dim=0, correction=0).mean()
 
     @torch.no_grad()
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        entropies = []
+        scores = []
         for prior in self.priors:
             set_prior_strength(self.model, prior)
-            entropies.append(entropy_loss(self.model(x), self.multilabel))
-        best = int(torch.stack(entropies).argmin())
+            scores.append(self.score(x))
+        best = int(torch.stack(scores).argmin())
         set_prior_strength(self.model, self.priors[best])
-        return {"prior": torch.tensor(self.priors[best]), "loss_aux": entropies[best].detach()}
+        return {"prior": torch.tensor(self.priors[best]), "loss_aux": scores[best].detach()}

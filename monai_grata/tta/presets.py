@@ -1,0 +1,32 @@
+"""Named adaptation settings: ``inference.json --method default`` (the shipped default) and ``--method paper``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = ["PRESETS", "resolve_method"]
+
+#: preset name -> the registered method it runs and the options it fixes (over the bundle's ``adapter_kwargs``).
+#: ``paper``: GraTa exactly as the paper and the authors' code run it (the same as ``--method grata``).
+#: ``default``: chosen on the first 50 images of each fundus target (docs/results.md, "Choosing the default").
+PRESETS: dict[str, dict] = {
+    "paper": {"method": "grata", "options": {}},
+    "default": {"method": "norm", "options": {"bn_prior": 64.0}},
+}
+
+
+def resolve_method(method: str, adapter_kwargs: Mapping[str, Mapping] | None = None) -> tuple[str, dict]:
+    """The registered adapter name and constructor options for ``method``, a preset or a registered name.
+
+    Args:
+        method: a preset name (``"default"``, ``"paper"``) or a registered adapter name (``"grata"``, ...).
+        adapter_kwargs: per registered name, the options the bundle configures; a preset's own options win.
+
+    Returns:
+        (adapter name, options) for :func:`~monai_grata.tta.build_adapter`.
+    """
+    adapter_kwargs = adapter_kwargs or {}
+    if method in PRESETS:
+        name = PRESETS[method]["method"]
+        return name, {**adapter_kwargs.get(name, {}), **PRESETS[method]["options"]}
+    return method, dict(adapter_kwargs.get(method, {}))

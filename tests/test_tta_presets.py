@@ -1,0 +1,23 @@
+import pytest
+
+from monai_grata.tta import PRESETS, adapter_names, resolve_method
+
+KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False, "bn_prior": 0.0}}
+
+
+def test_presets_name_registered_methods():
+    for preset in PRESETS.values():
+        assert preset["method"] in adapter_names()
+
+
+def test_paper_preset_is_grata_with_the_bundle_settings_and_method_names_pass_through():
+    assert resolve_method("paper", KWARGS) == ("grata", {"beta": 1e-4, "bn_prior": 0.0})
+    assert resolve_method("grata", KWARGS) == ("grata", {"beta": 1e-4, "bn_prior": 0.0})
+    assert resolve_method("tent", KWARGS) == ("tent", {})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_fixes_its_own_options_over_the_bundle_ones(name):
+    method, options = resolve_method(name, KWARGS)
+    assert method == PRESETS[name]["method"]
+    assert {k: options[k] for k in PRESETS[name]["options"]} == PRESETS[name]["options"]
