@@ -14,6 +14,8 @@ from monai_grata.utils.compare_runs import collect_runs, format_table
 
 from .conftest import CONFIG_DIR, REPO_ROOT
 
+pytestmark = pytest.mark.slow  # each test runs `python -m monai.bundle` in a subprocess
+
 
 def bundle(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(

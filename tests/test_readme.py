@@ -36,3 +36,12 @@ def test_readme_shows_the_short_run_flags_and_the_sqlite_mlflow_store():
     for command in readme_commands("mlflow ui") + readme_commands("export MLFLOW_TRACKING_URI"):
         assert "sqlite:///" in command
     assert readme_commands("mlflow runs list") and readme_commands("export MLFLOW_TRACKING_URI")
+
+
+def test_ci_runs_the_readme_test_commands_and_together_they_run_every_test():
+    with open(os.path.join(REPO_ROOT, ".ci", "run")) as f:
+        ci = [line.strip() for line in f if line.strip().startswith("python -m pytest")]
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = f.read()
+    assert ci == ['python -m pytest -q tests -m "not slow"', "python -m pytest -q tests -m slow"]
+    assert all(command in readme for command in ci)
