@@ -12,19 +12,41 @@ from .base import (
 )
 from .batchnorm import (
     batch_statistics_weight,
+    median_batch_norm,
     per_group_batch_norm,
     set_prior_strength,
     source_prior_batch_norm,
     track_test_statistics,
+    update_running_statistics,
 )
+from .diga import DIGA
+from .dltta import DLTTA, symmetric_kl
+from .domainadaptor import DomainAdaptor, generalized_entropy_loss
+from .dua import DUA, dua_copies
+from .features import FeatureTap
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
+from .medbn import MedBN
 from .norm import BatchNormStatistics, SelectedBatchNormStatistics
 from .presets import PRESETS, resolve_method
+from .sar import SAR, pixel_entropy
 from .tent import Tent
 
 __all__ = [
     "ACTIVATIONS",
+    "DIGA",
+    "DLTTA",
+    "DUA",
+    "DomainAdaptor",
+    "FeatureTap",
+    "MedBN",
+    "SAR",
+    "dua_copies",
+    "generalized_entropy_loss",
+    "median_batch_norm",
+    "pixel_entropy",
+    "symmetric_kl",
+    "update_running_statistics",
     "BatchNormStatistics",
     "SelectedBatchNormStatistics",
     "NORM_LAYERS",

@@ -14,10 +14,12 @@ from torch import nn
 
 __all__ = [
     "batch_statistics_weight",
+    "median_batch_norm",
     "per_group_batch_norm",
     "set_prior_strength",
     "source_prior_batch_norm",
     "track_test_statistics",
+    "update_running_statistics",
 ]
 
 
@@ -36,15 +38,28 @@ def batch_statistics_weight(batch_size: int, prior: float) -> float:
     return 0.0 if math.isinf(prior) else batch_size / (batch_size + prior)
 
 
+def _group_statistics(grouped: torch.Tensor, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group, per-channel (variance, centre) of ``grouped`` (G, B, C, *spatial), kept as (G, 1, C, 1, ...):
+    the mean and variance, or (``"median"``, MedBN) the median and the mean squared deviation from it."""
+    dims = (1, *range(3, grouped.ndim))
+    if statistic == "mean":
+        return torch.var_mean(grouped, dim=dims, correction=0, keepdim=True)
+    g, c = grouped.shape[0], grouped.shape[2]
+    centre = grouped.transpose(1, 2).reshape(g, c, -1).median(dim=-1).values
+    centre = centre.reshape(g, 1, c, *(1,) * (grouped.ndim - 3))
+    return (grouped - centre).square().mean(dim=dims, keepdim=True), centre
+
+
 def _tta_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm forward with ``self._tta_groups`` groups, each normalised by its own statistics mixed with the
     source running statistics with prior strength ``self._tta_prior``."""
     groups, prior = getattr(self, "_tta_groups", 1), getattr(self, "_tta_prior", 0.0)
+    statistic = getattr(self, "_tta_statistic", "mean")
     n, c = x.shape[:2]
     if n % groups:
         raise ValueError(f"batch of {n} cannot be split into {groups} groups")
     per_group = n // groups
-    if prior == 0.0:
+    if prior == 0.0 and statistic == "mean":
         # (G*B, C, ...) -> (B, G*C, ...): batch_norm over it gives every (group, channel) its own statistics
         folded = x.reshape(groups, per_group, c, *x.shape[2:]).transpose(0, 1)
         folded = folded.reshape(per_group, groups * c, *x.shape[2:])
@@ -60,11 +75,14 @@ def _tta_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torc
                 self.running_var.lerp_(var, self._tta_momentum)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
     grouped = x.reshape(groups, per_group, c, *x.shape[2:])
-    batch_var, batch_mean = torch.var_mean(grouped, dim=(1, *range(3, grouped.ndim)), correction=0, keepdim=True)
+    batch_var, batch_mean = _group_statistics(grouped, statistic)
     shape = (1, 1, c) + (1,) * (x.ndim - 2)
     w = batch_statistics_weight(per_group, prior)
-    mean = w * batch_mean + (1 - w) * self.running_mean.view(shape)
-    var = w * batch_var + (1 - w) * self.running_var.view(shape)
+    if w == 1.0:  # no prior (median statistics)
+        mean, var = batch_mean, batch_var
+    else:
+        mean = w * batch_mean + (1 - w) * self.running_mean.view(shape)
+        var = w * batch_var + (1 - w) * self.running_var.view(shape)
     if getattr(self, "_tta_track", False):
         # the prior follows the test stream: an exponential moving average of the test statistics
         momentum = self._tta_momentum
@@ -104,6 +122,39 @@ def source_prior_batch_norm(model: nn.Module, prior: float, momentum: float = 0.
     for module in _batch_norms(model):
         if module.running_mean is None or module.running_var is None:
             raise ValueError(f"{type(module).__name__} has no running statistics to use as the source prior")
+        module._tta_prior = float(prior)
+        module._tta_momentum = float(momentum)
+        module.forward = types.MethodType(_tta_forward, module)
+    return model
+
+
+def median_batch_norm(model: nn.Module, prior: float = 0.0, momentum: float = 0.0) -> nn.Module:
+    """Make every BatchNorm of ``model`` normalise with robust statistics of the test batch, in train and eval mode
+    alike (MedBN, Park et al., CVPR 2024): per channel, the median over batch and space instead of the mean, and
+    the mean squared deviation from that median instead of the variance.
+
+    With ``prior`` N > 0 these statistics are mixed with the source running statistics as in
+    :func:`source_prior_batch_norm` (the median taking the mean's place), and ``momentum`` makes that prior follow
+    the stream. Gradients flow through the statistics (the median's to the median element). Composes with
+    :func:`per_group_batch_norm`.
+
+    Args:
+        model: the network, changed in place.
+        prior: N ≥ 0 (0: the batch's statistics alone, the paper's setting).
+        momentum: as in :func:`source_prior_batch_norm` (needs ``prior`` > 0).
+
+    Raises:
+        ValueError: a negative or infinite prior, a momentum without a prior, or (with a prior) a BatchNorm
+            without running statistics.
+    """
+    if not 0 <= prior < math.inf:
+        raise ValueError(f"the prior strength of median statistics must be finite and >= 0, got {prior}")
+    if prior > 0:
+        source_prior_batch_norm(model, prior, momentum)
+    elif momentum:
+        raise ValueError("a momentum needs a source prior (prior > 0): with prior 0 there is none to update")
+    for module in _batch_norms(model):
+        module._tta_statistic = "median"
         module._tta_prior = float(prior)
         module._tta_momentum = float(momentum)
         module.forward = types.MethodType(_tta_forward, module)
@@ -167,3 +218,37 @@ def per_group_batch_norm(model: nn.Module, groups: int) -> Iterator[nn.Module]:
             del module._tta_groups
             if not has:
                 del module.forward
+
+
+@contextlib.contextmanager
+def update_running_statistics(model: nn.Module, momentum: float) -> Iterator[nn.Module]:
+    """Inside the context, every BatchNorm of ``model`` runs as PyTorch's train-mode BatchNorm with ``momentum``:
+    it normalises with the batch's own statistics and moves its running statistics by ``momentum`` towards them
+    (``running = (1 - m) · running + m · batch``, the variance unbiased). On leaving, each layer's mode and
+    momentum are restored, so an eval-mode model predicts with the updated running statistics.
+
+    DUA (Mirza et al., CVPR 2022) adapts this way, on augmented copies of each test image with a decaying
+    momentum. Layers configured by :func:`source_prior_batch_norm` or :func:`median_batch_norm` ignore it.
+
+    Args:
+        model: the network (its plain BatchNorm layers keep running statistics).
+        momentum: m in (0, 1].
+
+    Raises:
+        ValueError: a momentum outside (0, 1], or a BatchNorm without running statistics.
+    """
+    if not 0 < momentum <= 1:
+        raise ValueError(f"the momentum of the running statistics must be in (0, 1], got {momentum}")
+    layers = _batch_norms(model)
+    if any(m.running_mean is None or m.running_var is None for m in layers):
+        raise ValueError("every BatchNorm needs running statistics to update")
+    saved = [(m.training, m.momentum) for m in layers]
+    for module in layers:
+        module.train()
+        module.momentum = float(momentum)
+    try:
+        yield model
+    finally:
+        for module, (training, old) in zip(layers, saved, strict=True):
+            module.train(training)
+            module.momentum = old

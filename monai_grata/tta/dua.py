@@ -1,0 +1,113 @@
+"""DUA (Mirza et al., CVPR 2022, "The Norm Must Go On"): BatchNorm running statistics updated on augmented copies
+of each test image with a decaying momentum; no backpropagation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import TTAdapter, register_adapter
+from .batchnorm import update_running_statistics
+
+__all__ = ["DUA", "dua_copies"]
+
+
+def dua_copies(image: torch.Tensor, n: int, generator: torch.Generator, pad_fraction: float = 0.125) -> torch.Tensor:
+    """``n`` augmented copies (n, C, *spatial) of one image (C, H, W): each a random crop of the zero-padded image
+    (DUA's ``RandomCrop(32, padding=4)``, the padding ``pad_fraction`` of the shorter side), flipped left-right
+    with probability 1/2 and rotated by a random multiple of 90° (of 180° for a non-square image).
+
+    Args:
+        image: one image (C, H, W).
+        n: the number of copies.
+        generator: the random generator (on the image's device's type, CPU for a CPU image).
+        pad_fraction: the padding of the random crop, as a fraction of the shorter side.
+    """
+    h, w = image.shape[-2:]
+    pad = max(1, round(pad_fraction * min(h, w)))
+    padded = F.pad(image, (pad, pad, pad, pad))
+    draws = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=generator.device).tolist()
+    flips = torch.randint(0, 2, (n,), generator=generator, device=generator.device).tolist()
+    turns = torch.randint(0, 4 if h == w else 2, (n,), generator=generator, device=generator.device).tolist()
+    copies = []
+    for (top, left), flip, turn in zip(draws, flips, turns, strict=True):
+        view = padded[..., top : top + h, left : left + w]
+        view = view.flip(-1) if flip else view
+        copies.append(torch.rot90(view, turn if h == w else 2 * turn, dims=(-2, -1)))
+    return torch.stack(copies)
+
+
+@register_adapter("dua")
+class DUA(TTAdapter):
+    """DUA baseline, backward-free: for each test image (one at a time), every BatchNorm runs in train mode on
+    ``n_augmentations`` augmented copies of it (:func:`dua_copies`) and moves its running statistics towards
+    their statistics with momentum
+
+        m_t = momentum · decay^t + min_momentum        (t = 1, 2, ... images since the source)
+
+    then the image is predicted in eval mode with the updated running statistics. Only the running statistics
+    change; no weight is trained. Defaults (the authors' code): 64 copies, momentum 0.1, decay 0.94, floor 0.005.
+
+    The authors' loop scores the whole test set after every image and keeps the best step by test labels (an
+    oracle); this one adapts continually and predicts each image once, as every other method here.
+
+    Args:
+        model: the source network (its running statistics adapted in place).
+        n_augmentations: the augmented copies per image.
+        momentum: the initial momentum (before decay).
+        decay: the factor applied to the momentum per image.
+        min_momentum: the floor added to the decayed momentum.
+        pad_fraction: the random crop's padding as a fraction of the shorter side (DUA: 4 of 32 pixels).
+        episodic: reset to the source statistics (and the momentum schedule) before every batch.
+        seed: seed of the augmentations.
+    """
+
+    stochastic = True  # the augmentations are random
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_augmentations: int = 64,
+        momentum: float = 0.1,
+        decay: float = 0.94,
+        min_momentum: float = 0.005,
+        pad_fraction: float = 0.125,
+        episodic: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if n_augmentations < 2:
+            raise ValueError(f"n_augmentations must be >= 2 (BatchNorm needs a batch), got {n_augmentations}")
+        if not (0 < momentum <= 1 and 0 < decay <= 1 and 0 <= min_momentum < 1):
+            raise ValueError(
+                f"need 0 < momentum <= 1, 0 < decay <= 1, 0 <= min_momentum < 1; got {momentum}, "
+                f"{decay}, {min_momentum}"
+            )
+        self.n_augmentations, self.momentum, self.decay = int(n_augmentations), float(momentum), float(decay)
+        self.min_momentum, self.pad_fraction, self.seed = float(min_momentum), float(pad_fraction), int(seed)
+        super().__init__(model, episodic=episodic)
+        self.steps = 0
+        self._generator: torch.Generator | None = None
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        return model.eval()  # predictions use the running statistics
+
+    def _random(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device.type != device.type:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    @torch.no_grad()
+    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        generator = self._random(x.device)
+        for image in x:
+            self.steps += 1
+            momentum = self.momentum * self.decay**self.steps + self.min_momentum
+            with update_running_statistics(self.model, min(momentum, 1.0)):
+                self.model(dua_copies(image, self.n_augmentations, generator, self.pad_fraction))
+        return {"momentum": torch.tensor(momentum)}
+
+    def reset(self) -> None:
+        super().reset()
+        self.steps = 0
+        self._generator = None

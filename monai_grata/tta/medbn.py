@@ -1,0 +1,35 @@
+"""MedBN (Park et al., CVPR 2024): TENT with median BatchNorm statistics."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import register_adapter
+from .batchnorm import median_batch_norm
+from .tent import Tent
+
+__all__ = ["MedBN"]
+
+
+@register_adapter("medbn")
+class MedBN(Tent):
+    """MedBN baseline: TENT (one Adam step on the prediction's entropy, normalisation affine parameters) whose
+    BatchNorm layers normalise with robust test statistics (:func:`~monai_grata.tta.median_batch_norm`):
+
+        mu = median over (batch, space) of each channel,   var = mean over (batch, space) of (x - mu)^2
+
+    in the adapting forward and in the prediction alike. Defaults: Adam, lr 1e-4 (TENT's setting in GraTa's
+    benchmark); the median over a batch of one image is over its pixels.
+
+    Args:
+        model: the source network (adapted in place).
+        lr: Adam learning rate.
+        episodic: reset to the source weights before every batch.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        bn_prior: 0 (the paper: the batch's median statistics alone) or N > 0 (mixed with the source statistics,
+            the source counted as N samples).
+        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+    """
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        return median_batch_norm(model.eval(), self.bn_prior, self.bn_momentum)

@@ -1,0 +1,357 @@
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator
+from torch import nn
+
+from monai_grata.handlers import TTAHandler
+from monai_grata.tta import (
+    DIGA,
+    DLTTA,
+    DUA,
+    SAR,
+    DomainAdaptor,
+    MedBN,
+    adapter_class,
+    adapter_names,
+    build_adapter,
+    dua_copies,
+    generalized_entropy_loss,
+    median_batch_norm,
+    pixel_entropy,
+    symmetric_kl,
+    update_running_statistics,
+)
+
+from .test_tta_grata import tiny_net
+
+BASELINES = {"dua": DUA, "diga": DIGA, "medbn": MedBN, "dltta": DLTTA, "domainadaptor": DomainAdaptor, "sar": SAR}
+# a small bank and no SAR reset, so that two images show an update of every method
+OPTIONS = {"dltta": {"memory_size": 3, "k": 1}, "sar": {"reset_constant": 0.0}}
+
+
+def sharp_net(out_channels: int = 2) -> nn.Module:
+    """tiny_net with confident predictions (DIGA's pseudo-labels and SAR's filter keep pixels)."""
+    net = tiny_net(out_channels)
+    with torch.no_grad():
+        net[-1].weight.mul_(20)
+    return net
+
+
+def images(n: int = 3, size: int = 16) -> list[torch.Tensor]:
+    torch.manual_seed(3)
+    return [torch.rand(1, 3, size, size) * 3 + 1 for _ in range(n)]  # far from the source statistics
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def is_affine(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("weight", "bias") and key.split(".")[0] in ("1", "4")  # tiny_net's norms
+
+
+def method_state(adapter) -> object:
+    return {
+        "diga": lambda a: a.prototypes,
+        "dltta": lambda a: len(a.memory),
+        "sar": lambda a: a.ema,
+        "dua": lambda a: a.steps,
+    }.get(type(adapter).__name__.lower(), lambda a: None)(adapter)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_builds_with_defaults_and_returns_logits(name):
+    adapter = build_adapter(name, tiny_net())
+    assert isinstance(adapter, BASELINES[name])
+    x = images(1)[0]
+    out = adapter(x)
+    assert out.shape == (1, 2, 16, 16) and bool(torch.isfinite(out).all())
+    assert adapter.last_stats and all(torch.is_tensor(v) and v.ndim == 0 for v in adapter.last_stats.values())
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_two_steps_change_only_what_the_method_adapts(name):
+    adapter = build_adapter(name, sharp_net(), **OPTIONS.get(name, {}))
+    source = copy.deepcopy(adapter.model.state_dict())
+    first, second = images(2)
+    adapter(first)
+    after_one = copy.deepcopy(adapter.model.state_dict())
+    adapter(second)
+    moved = changed(source, adapter.model.state_dict())
+    if name == "dua":  # backward-free: only the running statistics
+        assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+    elif name == "diga":  # backward-free: nothing persistent but its prototypes
+        assert not moved and adapter.prototypes is not None and bool(adapter.exists.any())
+    else:  # normalisation affine parameters only
+        assert moved and all(is_affine(k) for k in moved)
+    if name == "dltta":  # the authors' warm-up: lr = base * entries, 0 for the first image
+        assert not changed(source, after_one)
+        assert float(adapter.last_stats["lr"]) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_reset_restores_the_source_state_bit_exactly(name):
+    adapter = build_adapter(name, sharp_net(), **OPTIONS.get(name, {}))
+    source = copy.deepcopy(adapter.model.state_dict())
+    fresh = method_state(adapter)
+    for x in images(3):
+        adapter(x)
+    adapter.reset()
+    assert not changed(source, adapter.model.state_dict())
+    assert adapter.optimizer.state_dict()["state"] == {}
+    assert method_state(adapter) == fresh  # prototypes, memory bank, loss average, momentum schedule cleared
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_a_batch_with_nan_is_skipped(name):
+    adapter = build_adapter(name, sharp_net(), **OPTIONS.get(name, {}))
+    source = copy.deepcopy(adapter.model.state_dict())
+    adapter(images(1)[0])
+    before, state = copy.deepcopy(adapter.model.state_dict()), copy.deepcopy(method_state(adapter))
+    bad = images(1)[0]
+    bad[0, 0, 3, 3] = float("nan")
+    adapter.adapt_batch(bad)
+    assert adapter.n_skipped == 1 and float(adapter.last_stats["skipped"]) == 1.0
+    assert not changed(source if adapter.episodic else before, adapter.model.state_dict())  # episodic: reset first
+    if name == "diga":
+        assert torch.equal(adapter.prototypes, state)
+    else:
+        assert method_state(adapter) == state
+
+
+@pytest.mark.parametrize("name", ["diga", "dltta", "domainadaptor", "medbn", "sar"])
+def test_softmax_outputs(name):
+    adapter = build_adapter(name, sharp_net(out_channels=3), multilabel=False, **OPTIONS.get(name, {}))
+    for x in images(3):
+        out = adapter(x)
+    assert out.shape == (1, 3, 16, 16) and bool(torch.isfinite(out).all())
+
+
+# --- the adapters never see the label --------------------------------------------------------------------------------
+
+
+def _required_arguments(name: str) -> list[str]:
+    signature = inspect.signature(adapter_class(name))
+    return [p for p, v in list(signature.parameters.items())[1:] if v.default is inspect.Parameter.empty]
+
+
+def _evaluator_predictions(name: str, labels: str) -> list[torch.Tensor]:
+    torch.manual_seed(7)
+    data = []
+    for x in images(3):
+        item = {"image": x[0]}
+        if labels == "real":
+            item["label"] = (x[0, :2] > 2.5).float()
+        elif labels == "nan":
+            item["label"] = torch.full((2, 16, 16), float("nan"))
+        data.append(item)
+    network = sharp_net()
+    engine = SupervisedEvaluator(
+        device="cpu",
+        val_data_loader=DataLoader(data, batch_size=1),
+        network=network,
+        val_handlers=[TTAHandler(method=name)],
+    )
+    preds = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"].clone()))
+    torch.manual_seed(0)
+    engine.run()
+    return preds
+
+
+@pytest.mark.parametrize("name", adapter_names())
+def test_no_adapter_receives_the_label(name):
+    """Inside a MONAI evaluator with labels, with NaN-poisoned labels and without labels, every registered adapter
+    gives the same predictions: the label never reaches it."""
+    if _required_arguments(name):
+        pytest.skip(f"{name} needs {_required_arguments(name)} to be built")
+    real, poisoned, absent = (_evaluator_predictions(name, labels) for labels in ("real", "nan", "none"))
+    for a, b, c in zip(real, poisoned, absent, strict=True):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+# --- per-method rules ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def median_reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = x
+    for layer in net:
+        if isinstance(layer, nn.BatchNorm2d):
+            flat = out.transpose(0, 1).reshape(out.shape[1], -1)
+            med = flat.median(dim=1).values
+            var = (flat - med[:, None]).square().mean(dim=1)
+            out = (out - med.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + layer.eps)
+            out = out * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+        else:
+            out = layer(out)
+    return out
+
+
+def test_median_batch_norm_matches_the_reference_and_mixes_a_prior():
+    x = torch.rand(2, 3, 16, 16) * 3 + 1
+    net = tiny_net()
+    with torch.no_grad():
+        torch.testing.assert_close(median_batch_norm(copy.deepcopy(net))(x), median_reference(net, x))
+        tiny_prior = median_batch_norm(copy.deepcopy(net), prior=1e-9)(x)
+        torch.testing.assert_close(tiny_prior, median_reference(net, x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(median_batch_norm(copy.deepcopy(net), prior=64.0)(x), median_reference(net, x))
+    with pytest.raises(ValueError, match="prior"):
+        median_batch_norm(tiny_net(), prior=math.inf)
+
+
+def test_medbn_is_tent_on_median_statistics():
+    net = tiny_net()
+    adapter = MedBN(net, lr=1e-2)
+    x = images(1)[0]
+    expected = median_reference(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected)  # the adapting forward normalises with the median
+    adapter(x)
+    assert float(adapter.last_stats["loss_aux"]) > 0
+
+
+def test_dua_updates_running_statistics_on_augmented_copies_with_a_decaying_momentum():
+    net = tiny_net()
+    reference = copy.deepcopy(net).eval()
+    adapter = DUA(net, n_augmentations=8, seed=4)
+    stream = images(2)
+    generator = torch.Generator().manual_seed(4)
+    for step, x in enumerate(stream, start=1):
+        out = adapter(x)
+        momentum = 0.1 * 0.94**step + 0.005
+        assert float(adapter.last_stats["momentum"]) == pytest.approx(momentum)
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.train()
+                m.momentum = momentum
+        with torch.no_grad():
+            reference(dua_copies(x[0], 8, generator))
+            expected = reference.eval()(x)
+        torch.testing.assert_close(out, expected)
+    assert all(not m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_dua_copies_are_crops_flips_and_rotations_of_the_image():
+    image = torch.arange(2 * 8 * 8, dtype=torch.float).reshape(2, 8, 8)
+    copies = dua_copies(image, 16, torch.Generator().manual_seed(0))
+    assert copies.shape == (16, 2, 8, 8)
+    assert not torch.equal(copies[0], copies[1])
+    assert len(dua_copies(torch.rand(3, 8, 12), 4, torch.Generator())) == 4  # non-square: half turns only
+
+
+def test_update_running_statistics_restores_mode_and_momentum():
+    net = tiny_net().eval()
+    bn = net[1]
+    before = bn.running_mean.clone()
+    with update_running_statistics(net, 0.5):
+        assert bn.training and bn.momentum == 0.5
+        net(torch.rand(2, 3, 8, 8))
+    assert not bn.training and bn.momentum == 0.1 and not torch.equal(before, bn.running_mean)
+    with pytest.raises(ValueError, match="momentum"):
+        with update_running_statistics(net, 0.0):
+            pass
+
+
+def test_diga_prototypes_follow_confident_pseudo_labels_and_fuse_with_the_network():
+    net = sharp_net()
+    adapter = DIGA(net, proto_rho=0.5)
+    x, y = images(2)
+    adapter.adapt_batch(x)
+    with torch.no_grad():
+        adapter._fusing = False
+        logits = net(x)
+        features = adapter.tap.features
+        adapter._fusing = True
+    p = torch.sigmoid(logits)
+    present = (p[0, 0] > 0.9).flatten()
+    assert bool(present.any())
+    expected = features[0].flatten(1)[:, present].mean(dim=1)
+    torch.testing.assert_close(adapter.prototypes[0, 1], expected)
+    first = adapter.prototypes.clone()
+    adapter.adapt_batch(y)
+    instance, exists = adapter.instance_prototypes(adapter.tap.features, net_raw(adapter, y))
+    both = exists & (first.abs().sum(-1) > 0)
+    torch.testing.assert_close(adapter.prototypes[both], (first + 0.5 * (instance - first))[both])
+    # no fusion: the network's own prediction (BatchNorm with the 0.8 / 0.2 mixture)
+    plain = DIGA(copy.deepcopy(tiny_net()), fusion_lambda=0.0)
+    out = plain(x)
+    with torch.no_grad():
+        plain._fusing = False
+        raw = plain.model(x)
+    torch.testing.assert_close(out, raw, rtol=1e-4, atol=1e-4)
+
+
+def net_raw(adapter: DIGA, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        adapter._fusing = False
+        try:
+            return adapter.model(x)
+        finally:
+            adapter._fusing = True
+
+
+def test_dltta_learning_rate_grows_with_the_discrepancy_to_similar_past_images():
+    z = torch.randn(1, 2, 4, 4)
+    assert float(symmetric_kl(z, z, True)) == pytest.approx(0.0, abs=1e-7)
+    assert float(symmetric_kl(z, -z, True)) > 0 and float(symmetric_kl(z, 2 * z, False)) > 0
+    adapter = DLTTA(tiny_net(), memory_size=4, k=2)
+    lrs = []
+    for x in images(5):
+        adapter(x)
+        lrs.append(float(adapter.last_stats["lr"]))
+    assert lrs[:3] == pytest.approx([0.0, 1e-3, 2e-3])  # warm-up while the bank holds <= k entries
+    d = float(adapter.last_stats["discrepancy"])
+    assert d > 0 and lrs[-1] == pytest.approx(1e-3 * math.exp(d))
+    assert len(adapter.memory) == 4
+
+
+def test_gem_t_matches_the_authors_formula():
+    logits = torch.randn(2, 4, 3, 3)
+    centred = logits - logits.mean(1, keepdim=True)
+    t = centred.std(1, keepdim=True) * 2
+    prob = (centred / t).softmax(1)
+    expected = -((prob * prob.log()).sum(1) * t.squeeze(1) ** 2).mean()
+    torch.testing.assert_close(generalized_entropy_loss(logits, multilabel=False), expected)
+    z = torch.randn(2, 2, 3, 3)
+    per_channel = [generalized_entropy_loss(torch.stack([-z[:, c] / 2, z[:, c] / 2], 1), False) for c in range(2)]
+    torch.testing.assert_close(generalized_entropy_loss(z, multilabel=True), sum(per_channel))
+
+
+def test_domainadaptor_starts_every_batch_from_the_source():
+    net = tiny_net()
+    adapter = DomainAdaptor(net)
+    source = copy.deepcopy(net.state_dict())
+    x = images(1)[0]
+    first = adapter(x)
+    second = adapter(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # episodic: the same single step each time
+    assert changed(source, net.state_dict())
+
+
+def test_sar_filters_unreliable_pixels_and_resets_below_the_loss_average():
+    z = torch.randn(1, 2, 4, 4)
+    p = torch.sigmoid(z)
+    torch.testing.assert_close(pixel_entropy(z), -(p * p.log() + (1 - p) * (1 - p).log()))
+    nothing_kept = SAR(tiny_net(), margin=0.01)  # a tiny net is unsure everywhere
+    source = copy.deepcopy(nothing_kept.model.state_dict())
+    nothing_kept(images(1)[0])
+    assert float(nothing_kept.last_stats["kept"]) == 0 and not changed(source, nothing_kept.model.state_dict())
+    always = SAR(sharp_net(), reset_constant=math.inf)
+    state = copy.deepcopy(always.model.state_dict())
+    always(images(1)[0])
+    assert float(always.last_stats["reset"]) == 1 and always.ema is None
+    assert not changed(state, always.model.state_dict())
+    kept = SAR(sharp_net(), reset_constant=0.0)
+    kept(images(1)[0])
+    assert 0 < float(kept.last_stats["kept"]) <= 1 and kept.ema is not None
+    assert float(kept.last_stats["loss_pseudo"]) < math.log(2) * 0.4 + 1e-6
