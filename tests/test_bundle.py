@@ -294,6 +294,42 @@ def test_ctrl_c_leaves_no_running_run_and_no_partial_file(tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+def test_inference_sweep_of_odd_images(tmp_path):
+    """A constant and a 5000 x 5000 image are segmented; a 1 x 1 image and a NIfTI with NaN pixels are skipped."""
+    import nibabel as nib
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(np.full((50, 60, 3), 90, np.uint8)).save(folder / "constant.png")
+    ramp = np.tile(np.linspace(0, 255, 5000).astype(np.uint8), (5000, 1))
+    Image.fromarray(np.stack([ramp] * 3, -1)).save(folder / "huge.png")
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(folder / "dot.png")
+    nan = np.random.default_rng(0).random((40, 50, 3)).astype(np.float32)
+    nan[:5, :5] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(folder / "nan.nii.gz"))
+    out = tmp_path / "out"
+    log = assert_ok(run_config("inference.json", dataset_dir=folder, output_dir=out, on_bad_input="skip", **SMALL))
+    assert sorted(os.listdir(out / "masks")) == ["constant_mask.png", "huge_mask.png"]
+    assert np.asarray(Image.open(out / "masks" / "huge_mask.png")).shape == (5000, 5000)
+    assert sorted(os.listdir(out / "overlays")) == ["constant_overlay.png", "huge_overlay.png"]
+    assert "Skipped 2 bad input(s)" in log and "is 1x1: too small" in log and "has 75 NaN/Inf pixels" in log
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"ckpt_path": "README.md"}, "cannot read checkpoint 'README.md' (truncated or not a torch file?)"),
+        ({"output_dir": "README.md"}, "output folder 'README.md' cannot be written: File exists"),
+        ({"datalist": "absent.json", "target": "x"}, "datalist not found: 'absent.json'"),
+        ({"on_bad_input": "ignore"}, "--on_bad_input must be one of error|skip, got 'ignore'"),
+    ],
+)
+def test_inference_bad_options_are_one_line_errors(overrides, message, tmp_path):
+    run = run_config("inference.json", **{"output_dir": str(tmp_path / "out"), **overrides})
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
 @pytest.mark.parametrize("alignment,harmonization", [("adversarial", "gh++"), ("entropy", "gh")])
 def test_train_uda_few_iterations(source_model, tmp_path, alignment, harmonization):
     out = str(tmp_path / "uda")

@@ -3,6 +3,7 @@ import os
 import re
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,6 +74,12 @@ def folder(tmp_path):
     items.append({"image": _png(tmp_path / "two.png", np.zeros((32, 40, 2)))})
     items.append({"image": _png(tmp_path / "small.png", rgb), "label": _png(tmp_path / "small_l.png", label[:16])})
     items.append({"image": _png(tmp_path / "odd.png", rgb), "label": _png(tmp_path / "odd_l.png", label + 255)})
+    items.append({"image": _png(tmp_path / "dot.png", rgb[:1, :1])})
+    nan = np.random.default_rng(0).random((32, 40, 3)).astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    items.append({"image": str(tmp_path / "nan.nii.gz")})
+    items.append({"image": _png(tmp_path / "flat.png", rgb + 90)})  # constant: usable
     return items
 
 
@@ -82,6 +89,8 @@ BAD = {
     "two.png": r"image '.*two.png' has 2 channels, the network expects 3",
     "small.png": r"label '.*small_l.png' is 40x16, its image '.*small.png' is 40x32",
     "odd.png": r"label values \[255.0\] outside \[0, 1, 2\] in '.*odd_l.png'",
+    "dot.png": r"image '.*dot.png' is 1x1: too small to segment \(under 16 pixels a side\)",
+    "nan.nii.gz": r"image '.*nan.nii.gz' has 1 NaN/Inf pixels",
 }
 
 
@@ -89,18 +98,18 @@ def test_check_inputs_error_names_every_bad_file_in_one_line(folder):
     with pytest.raises(BadInputError) as info:
         check_inputs(folder)
     message = str(info.value)
-    assert "\n" not in message and message.startswith("5 bad inputs: ") and "--on_bad_input skip" in message
+    assert "\n" not in message and message.startswith("7 bad inputs: ") and "--on_bad_input skip" in message
     for pattern in BAD.values():
         assert re.search(pattern, message), pattern
 
 
 def test_check_inputs_skip_keeps_the_good_and_lists_the_bad(folder, caplog):
     kept, skipped = check_inputs(folder, on_bad_input="skip")
-    assert [os.path.basename(it["image"]) for it in kept] == ["good.png", "gray.png", "rgba.png"]
+    assert [os.path.basename(it["image"]) for it in kept] == ["good.png", "gray.png", "rgba.png", "flat.png"]
     assert [os.path.basename(s["image"]) for s in skipped] == list(BAD)
     for entry, pattern in zip(skipped, BAD.values(), strict=True):
         assert re.search(pattern, entry["reason"])
-    assert sum("skipping" in r.message for r in caplog.records) == 5
+    assert sum("skipping" in r.message for r in caplog.records) == 7
 
 
 def test_check_inputs_nothing_usable_or_unknown_mode(folder):

@@ -43,3 +43,23 @@ def test_load_weights_errors(tmp_path):
     save_half_precision(resunet(backbone="resnet18", out_channels=3), str(other))
     with pytest.raises(ValueError, match="does not match"):
         load_weights(resunet(backbone="resnet18"), str(other))
+
+
+def test_checkpoint_errors_are_one_line_bad_inputs(tmp_path):
+    from monai_grata.data import BadInputError, MissingInputError
+
+    good = tmp_path / "good.pt"
+    save_half_precision(resunet(backbone="resnet18"), str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    other = tmp_path / "other.pt"
+    save_half_precision(resunet(backbone="resnet18", in_channels=1, out_channels=3), str(other))
+    cases = [
+        (tmp_path / "missing.pt", MissingInputError, r"checkpoint not found: '.*missing.pt'"),
+        (truncated, BadInputError, r"cannot read checkpoint '.*truncated.pt' \(truncated or not a torch file\?\)"),
+        (other, BadInputError, r"'.*other.pt' does not match the network: 3 of another shape \(e.g. '.*'\); was it"),
+    ]
+    for path, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            load_weights(resunet(backbone="resnet18"), str(path))
+        assert "\n" not in str(info.value)

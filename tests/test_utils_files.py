@@ -20,3 +20,20 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     with atomic_write(str(tmp_path / "plot.png"), "wb") as f:
         f.write(b"\x89PNG")
     assert (tmp_path / "plot.png").read_bytes() == b"\x89PNG"
+
+
+def test_make_output_dir_refuses_what_cannot_be_written(tmp_path, monkeypatch):
+    from monai_grata.data import BadInputError
+    from monai_grata.utils import make_output_dir
+
+    assert make_output_dir(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInputError, match=r"output folder '.*file' cannot be written: File exists"):
+        make_output_dir(str(tmp_path / "file"))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    with pytest.raises(BadInputError, match=r"output folder '.*ro' cannot be written: Permission denied"):
+        make_output_dir(str(tmp_path / "ro"))

@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+import torch
 from monai.transforms import LoadImaged
 from torch.utils.data import DataLoader
 
@@ -65,7 +66,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _problem(item: dict, load: Callable, channels: Callable, labels: Callable) -> str | None:
+def _problem(item: dict, load: Callable, channels: Callable, labels: Callable, min_size: int) -> str | None:
     """What is wrong with one ``{"image", "label"}`` item (naming the file), or ``None``."""
     data = {}
     for key in ("image", "label"):
@@ -76,6 +77,12 @@ def _problem(item: dict, load: Callable, channels: Callable, labels: Callable) -
                 return f"{key} {str(item[key])!r} cannot be read ({_first_line(err)})"
     try:
         image = channels(data)["image"]
+        if min(image.shape[1:]) < min_size:
+            size = "x".join(str(n) for n in image.shape[1:])
+            return f"image {str(item['image'])!r} is {size}: too small to segment (under {min_size} pixels a side)"
+        finite = torch.isfinite(torch.as_tensor(image))
+        if not finite.all():
+            return f"image {str(item['image'])!r} has {int((~finite).sum())} NaN/Inf pixels"
         if "label" in data and tuple(data["label"].shape[1:]) != tuple(image.shape[1:]):
             sizes = ["x".join(str(n) for n in t.shape[1:]) for t in (data["label"], image)]
             return f"label {str(item['label'])!r} is {sizes[0]}, its image {str(item['image'])!r} is {sizes[1]}"
@@ -92,13 +99,15 @@ def check_inputs(
     spatial_dims: int = 2,
     label_values: Sequence[int] = (0, 1, 2),
     on_bad_input: str = "error",
+    min_size: int = 16,
 ) -> tuple[list[dict], list[dict]]:
     """Read every image (and label) once before any work starts, so a bad file stops the run up front (or is
     left out) instead of aborting a stream part-way.
 
     Each item is loaded as the preprocessing loads it (``LoadImaged``, then :class:`EnsureImageChannelsd`,
     which turns a grayscale image into 3 channels and drops the alpha channel of an RGBA one). Problems found:
-    an unreadable or truncated file, an image with a channel count that cannot be converted, a label whose
+    an unreadable or truncated file, an image with a channel count that cannot be converted, an image with
+    a side under ``min_size`` pixels (a 1x1 "image" holds nothing to segment), NaN or Inf pixels, a label whose
     size differs from its image's, a label with more than one channel or with values outside
     ``label_values``.
 
@@ -109,6 +118,7 @@ def check_inputs(
         label_values: the values a label map may hold.
         on_bad_input: ``"error"`` raises :class:`BadInputError` naming every bad file; ``"skip"`` logs a
             warning per bad file and leaves it out.
+        min_size: the smallest image side accepted, in pixels.
 
     Returns:
         (the usable items, in order; ``[{"image": path, "reason": text}, ...]`` for the items left out).
@@ -126,7 +136,7 @@ def check_inputs(
         raise BadInputError("empty dataset: no images to check")
     kept, skipped = [], []
     for item in items:
-        problem = _problem(item, load, channels, labels)
+        problem = _problem(item, load, channels, labels, min_size)
         if problem is None:
             kept.append(item)
         else:

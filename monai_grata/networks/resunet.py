@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from monai.networks.nets import FlexibleUNet
 
+from monai_grata.data.checks import BadInputError, MissingInputError
+
 __all__ = ["resunet", "load_weights", "save_half_precision"]
 
 
@@ -59,24 +61,40 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, strict: bool = True) 
         strict: passed to ``load_state_dict``.
 
     Raises:
-        FileNotFoundError: when ``ckpt_path`` does not exist.
-        ValueError: when the file is not a checkpoint of a matching network.
+        MissingInputError: (a ``FileNotFoundError``) when ``ckpt_path`` does not exist.
+        BadInputError: (a ``ValueError``) when the file is not a readable checkpoint of a matching network; the
+            one-line message names the file and, for another architecture, counts the keys that differ.
     """
     if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path!r}")
+        raise MissingInputError(f"checkpoint not found: {ckpt_path!r}")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt file
-        raise ValueError(f"cannot read checkpoint {ckpt_path!r}: {err}") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise BadInputError(f"cannot read checkpoint {ckpt_path!r} (truncated or not a torch file?): {first}") from err
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint {ckpt_path!r} does not hold a state dict")
+        raise BadInputError(f"checkpoint {ckpt_path!r} does not hold a state dict")
     reference = network.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in _state_dict_from(checkpoint).items()}
     try:
         network.load_state_dict(state, strict=strict)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {ckpt_path!r} does not match the network: {err}") from err
+        differences = _mismatch(reference, state)
+        raise BadInputError(f"checkpoint {ckpt_path!r} does not match the network: {differences}") from err
     return network
+
+
+def _mismatch(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """One line on how a state dict differs from the network's: missing, unexpected and reshaped keys."""
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    reshaped = [k for k in reference if k in state and reference[k].shape != state[k].shape]
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]!r})"
+        for keys, what in ((missing, "missing keys"), (unexpected, "unexpected keys"), (reshaped, "of another shape"))
+        if keys
+    ]
+    return ", ".join(parts) + "; was it trained with another --backbone, --in_channels or --out_channels?"
 
 
 def save_half_precision(network_or_state: torch.nn.Module | Mapping, path: str) -> None:

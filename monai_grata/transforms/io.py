@@ -108,6 +108,7 @@ class SaveOverlayd(MapTransform):
                 continue
             image = self.scale(self.rgb(self.load((mask.meta or {})["filename_or_obj"])))
             blended = blend_images(image, mask / 3, alpha=self.alpha, cmap="hsv", rescale_arrays=False)
-            blended.meta = dict(image.meta)
+            blended.meta = {**image.meta, "spatial_shape": tuple(image.shape[1:])}  # a NIfTI's is (H, W, C)
+            self.save.set_options(data_kwargs={"channel_dim": 0})  # SaveImage drops it after a NIfTI's shape
             self.save(blended)
         return d

@@ -1,7 +1,7 @@
 from .bundle_runs import run_bundle_once, write_metrics
 from .checkpoints import best_checkpoint, export_source_model, latest_checkpoint, prune_checkpoints
 from .console import quiet_console
-from .files import atomic_write
+from .files import atomic_write, make_output_dir
 from .per_image import finite_mean, mean_dice_of_rows, read_per_image_csv
 from .run_config import export_run_config
 
@@ -12,6 +12,7 @@ __all__ = [
     "export_source_model",
     "finite_mean",
     "latest_checkpoint",
+    "make_output_dir",
     "mean_dice_of_rows",
     "prune_checkpoints",
     "quiet_console",

@@ -8,7 +8,25 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "make_output_dir"]
+
+
+def make_output_dir(path: str) -> str:
+    """Create the output folder ``path`` and check that files can be written in it, so a read-only or full
+    location stops a run before any work, with a one-line error.
+
+    Raises:
+        BadInputError: the folder cannot be created or written to.
+    """
+    from monai_grata.data.checks import BadInputError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise BadInputError(f"output folder {path!r} cannot be written: {err.strerror or err}") from err
+    return path
 
 
 def _umask() -> int:
