@@ -45,3 +45,12 @@ def test_ci_runs_the_readme_test_commands_and_together_they_run_every_test():
         readme = f.read()
     assert ci == ['python -m pytest -q tests -m "not slow"', "python -m pytest -q tests -m slow"]
     assert all(command in readme for command in ci)
+
+
+def test_robustness_table_names_tests_that_exist():
+    with open(os.path.join(REPO_ROOT, "docs", "robustness.md")) as f:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)", f.read())
+    assert len(named) > 20
+    for module, name in named:
+        with open(os.path.join(REPO_ROOT, "tests", module)) as f:
+            assert f"def {name}(" in f.read(), f"{module}::{name}"

@@ -37,3 +37,21 @@ def test_make_output_dir_refuses_what_cannot_be_written(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.TemporaryFile", read_only)
     with pytest.raises(BadInputError, match=r"output folder '.*ro' cannot be written: Permission denied"):
         make_output_dir(str(tmp_path / "ro"))
+
+
+def test_a_full_disk_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch):
+    from monai_grata.utils import write_metrics
+
+    path = str(tmp_path / "metrics.json")
+    write_metrics(path, {"dice_mean": 0.5})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_metrics(path, {"dice_mean": 0.9})
+    monkeypatch.undo()
+    with open(path) as f:
+        assert json.load(f) == {"dice_mean": 0.5}
+    assert os.listdir(tmp_path) == ["metrics.json"]
