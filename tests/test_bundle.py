@@ -146,7 +146,8 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images", "no_adapt_dice_mean"} <= set(metrics)
     # the console ends with one short summary; no metrics dicts, no warnings a user cannot act on
     summary = run.stdout[run.stdout.index("Done: ") :].splitlines()
-    assert summary[0] == "Done: source model 'refuge_train', adapted with grata, 8 images in 1 domain."
+    method = read_json(out, "config.json")["method"]
+    assert summary[0] == f"Done: source model 'refuge_train', adapted with {method}, 8 images in 1 domain."
     no_adapt, adapted = (float(v) for v in summary[2].split()[1:])
     assert summary[2].startswith("  all") and (no_adapt, adapted) == (
         pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4), pytest.approx(metrics["dice_mean"], abs=5e-4)
