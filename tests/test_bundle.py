@@ -140,7 +140,8 @@ def test_network_in_out_verifies():
 
 def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path):
     out = str(tmp_path / "inference")
-    run = run_config("inference.json", ckpt_path=source_model, target="drishti_gs", output_dir=out, beta=0.001, **SMALL)
+    overrides = {"target": "drishti_gs", "output_dir": out, "beta": 0.001, "method": "paper", **SMALL}
+    run = run_config("inference.json", ckpt_path=source_model, **overrides)
     assert_ok(run)
     metrics = read_json(out, "metrics.json")
     assert {"dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "n_images", "no_adapt_dice_mean"} <= set(metrics)
@@ -170,13 +171,15 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     runs, client = mlflow_runs(out, "grata_inference")
     assert len(runs) == 1
     run_id, params = runs[0].info.run_id, runs[0].data.params
-    assert params["method"] == "grata" and params["target"] == "drishti_gs" and params["beta"] == "0.001"
+    assert params["method"] == "paper" and params["adapter"] == "grata"  # the paper preset runs GraTa
+    assert params["target"] == "drishti_gs" and params["beta"] == "0.001"
+    assert "'bn_prior': 0.0" in params["adapter_options"]
     assert runs[0].data.metrics["dice_mean"] == pytest.approx(metrics["dice_mean"])
     assert len(client.get_metric_history(run_id, "cos")) == 8
     assert len(client.get_metric_history(run_id, "stream/dice_od")) == 8
     assert not client.get_metric_history(run_id, "stream/cos")  # logged once, as "cos"
     table = format_table(collect_runs([out], "grata_inference"), ["method", "target"], ["dice_mean"])
-    assert "| grata | drishti_gs |" in table and f"{metrics['dice_mean']:.4g}" in table
+    assert "| paper | drishti_gs |" in table and f"{metrics['dice_mean']:.4g}" in table
     cos = sorted(m.value for m in client.get_metric_history(run_id, "cos"))
     (row,) = collect_runs([out], "grata_inference", history=["cos"])
     assert (row["metrics.cos_min"], row["metrics.cos_median"], row["metrics.cos_max"]) == (cos[0], cos[3], cos[-1])

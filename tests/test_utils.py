@@ -34,7 +34,7 @@ def test_export_run_config_applies_overrides(tmp_path):
     export_run_config(path, argv=argv)
     with open(path) as f:
         config = json.load(f)
-    assert config["beta"] == 0.001 and config["target"] == "drishti_gs" and config["method"] == "grata"
+    assert config["beta"] == 0.001 and config["target"] == "drishti_gs" and config["method"] == "default"
 
 
 def test_export_run_config_without_config_file(tmp_path):
