@@ -11,7 +11,7 @@ __all__ = ["PRESETS", "resolve_method"]
 #: ``default``: chosen on the first 50 images of each fundus target (docs/results.md, "Choosing the default").
 PRESETS: dict[str, dict] = {
     "paper": {"method": "grata", "options": {}},
-    "default": {"method": "norm", "options": {"bn_prior": 64.0}},
+    "default": {"method": "norm", "options": {"bn_prior": 256.0}},
 }
 
 
