@@ -60,7 +60,9 @@ def build_cells(args: argparse.Namespace) -> list[Cell]:
 
 def run_key(cell: Cell, args: argparse.Namespace) -> str:
     """The cell and the settings that change its result; a finished run with the same key is not repeated."""
-    return f"{cell.key}|size={args.image_size}|images={args.skip_images}:{args.max_images or ''}"
+    key = f"{cell.key}|size={args.image_size}|images={args.skip_images}:{args.max_images or ''}"
+    models = os.path.join(args.models_dir, args.checkpoint_name)
+    return key if models == os.path.join("bundles/grata/models", "source_{source}.pt") else f"{key}|models={models}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models_dir", default="bundles/grata/models")
+    parser.add_argument("--checkpoint_name", default="source_{source}.pt", help="file name in MODELS_DIR per source")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--tracking_uri", default=None, help="default: sqlite:///OUTPUT_DIR/mlflow.db")
     parser.add_argument("--experiment", default="benchmark")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.makedirs(args.output_dir, exist_ok=True)
     for source in args.sources:
-        ckpt = os.path.join(args.models_dir, f"source_{source}.pt")
+        ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=source))
         if not os.path.isfile(ckpt):
             parser.error(f"no source model for {source!r}: {ckpt} not found (see --models_dir)")
     cells = build_cells(args)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             end = None if args.max_images is None else args.skip_images + args.max_images
             images, loaded_target = load_target(items[args.skip_images : end], args.image_size), cell.target
         start = time.perf_counter()
-        ckpt = os.path.join(args.models_dir, f"source_{cell.source}.pt")
+        ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=cell.source))
         summary, rows = run_cell(cell, images, ckpt, args.device)
         params = {"image_size": args.image_size, "n_images": len(images), "skip_images": args.skip_images,
                   "max_images": args.max_images, "device": args.device, "ckpt_path": ckpt}  # fmt: skip

@@ -70,18 +70,21 @@ def prune_checkpoints(directory: str, prefix: str = "last") -> list[str]:
     return stale
 
 
-def export_source_model(train_dir: str, out_path: str) -> str:
-    """Write the best checkpoint of a training run as a half-precision state dict.
+def export_source_model(train_dir: str, out_path: str, which: str = "best") -> str:
+    """Write the best (or the last) checkpoint of a training run as a half-precision state dict.
 
     Args:
         train_dir: the output folder of a ``train.json`` run.
         out_path: where to write, e.g. ``bundles/grata/models/source_refuge_train.pt``.
+        which: ``"best"`` (the best source-validation Dice) or ``"last"`` (the last epoch, as the authors keep).
 
     Returns:
         The checkpoint that was exported.
     """
-    best = best_checkpoint(train_dir)
-    if best is None:
-        raise FileNotFoundError(f"no key-metric checkpoint (*key_metric=*.pt) in {train_dir!r}")
-    save_half_precision(torch.load(best, map_location="cpu", weights_only=True), out_path)
-    return best
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    chosen = best_checkpoint(train_dir) if which == "best" else latest_checkpoint(train_dir)
+    if chosen is None:
+        raise FileNotFoundError(f"no {which} checkpoint in {train_dir!r}")
+    save_half_precision(torch.load(chosen, map_location="cpu", weights_only=True), out_path)
+    return chosen

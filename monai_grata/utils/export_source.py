@@ -14,8 +14,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Export the best checkpoint of a train.json run (half precision).")
     parser.add_argument("train_dir", help="the output_dir of the training run")
     parser.add_argument("out_path", help="the .pt file to write")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="best validation Dice or last epoch")
     args = parser.parse_args()
-    print(f"exported {export_source_model(args.train_dir, args.out_path)} -> {args.out_path}")
+    print(f"exported {export_source_model(args.train_dir, args.out_path, args.which)} -> {args.out_path}")
 
 
 if __name__ == "__main__":
