@@ -273,7 +273,9 @@ def test_ctrl_c_leaves_no_running_run_and_no_partial_file(tmp_path):
     import threading
 
     out = tmp_path / "out"
-    args = ["--output_dir", str(out), "--device", "cpu", "--image_size", "64", "--method", "none"]
+    # GraTa at 256 px takes seconds per image, so the interrupt lands mid-stream (with 'none' at 64 px the run
+    # could finish before the signal arrived)
+    args = ["--output_dir", str(out), "--device", "cpu", "--method", "paper"]
     process = subprocess.Popen(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", config("inference.json"), *args],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -283,7 +285,7 @@ def test_ctrl_c_leaves_no_running_run_and_no_partial_file(tmp_path):
     def read():  # the progress bar shows an iteration once the engine (and its MLflow run) has started
         while char := process.stderr.read(1):
             stderr.append(char)
-            if not started.is_set() and re.search(r"adapting \(none\)\S* \[1/", "".join(stderr[-200:])):
+            if not started.is_set() and re.search(r"adapting \(paper\)\S* \[1/", "".join(stderr[-200:])):
                 started.set()
 
     reader = threading.Thread(target=read, daemon=True)
