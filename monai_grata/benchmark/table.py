@@ -51,10 +51,8 @@ def summarise(records: Sequence[Mapping]) -> dict:
             for r in grouped.get((method, pair), []):
                 per_seed[str(r["seed"])].append(float(r["dice_mean"]))
         complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(shift_pairs)]
-        if complete:
-            # a method run with one seed (deterministic) is averaged over the pair means instead
-            means = [cells[(method, p)]["dice_mean"][0] for p in shift_pairs if (method, p) in cells]
-            average[method] = _mean_std(complete) if len(complete) > 1 else (statistics.fmean(means), float("nan"))
+        if complete:  # mean ± std over the seeds that ran every pair
+            average[method] = _mean_std(complete)
         rates = [float(r["images_per_s"]) for (m, _), rows in grouped.items() if m == method for r in rows]
         speed[method] = _mean_std(rates)[0]
     return {"methods": methods, "pairs": pairs, "shift_pairs": shift_pairs, "cells": cells, "average": average,
