@@ -12,7 +12,6 @@ from .cells import Cell
 __all__ = ["CELL_TAG", "BenchmarkStore", "tracking_uri_of"]
 
 CELL_TAG = "benchmark.cell"
-METRICS = ("dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "images_per_s")
 
 
 def tracking_uri_of(location: str) -> str:

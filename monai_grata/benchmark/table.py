@@ -9,10 +9,11 @@ import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
+from .cells import VAL_SUFFIX
+
 __all__ = ["pair_label", "summarise", "write_chart", "write_csv", "write_markdown"]
 
 METRICS = ("dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "images_per_s")
-VAL_SUFFIX = ":val"
 
 
 def pair_label(source: str, target: str) -> str:
