@@ -270,3 +270,45 @@ def test_registry_and_tent():
     assert isinstance(build_adapter("grata", tiny_net()), GraTa)
     with pytest.raises(ValueError, match="unknown test-time adaptation method"):
         build_adapter("magic", tiny_net())
+
+
+def test_radius_scales_the_perturbation_to_the_parameters():
+    adapter = GraTa(tiny_net(), radius=0.01)
+    grads = [torch.randn_like(p) for p in adapter.params]
+    step = adapter.perturbation(grads)
+    norm = lambda ts: torch.cat([t.flatten() for t in ts]).norm()  # noqa: E731
+    assert torch.allclose(norm(step), 0.01 * norm([p.detach() for p in adapter.params]), rtol=1e-5)
+    assert GraTa(tiny_net()).perturbation(grads) is grads  # the paper's unit step
+    with pytest.raises(ValueError, match="radius"):
+        GraTa(tiny_net(), radius=0)
+
+
+def test_min_cos_skips_updates_of_disagreeing_gradients():
+    x = torch.rand(1, 3, 16, 16)
+    probe = GraTa(tiny_net(), beta=1e-2, seed=1)
+    probe(x)
+    cos = float(probe.last_stats["cos"])
+    skipping = GraTa(tiny_net(), beta=1e-2, seed=1, min_cos=min(cos + 0.1, 0.99))
+    before = [p.detach().clone() for p in skipping.params]
+    skipping(x)
+    assert float(skipping.last_stats["lr"]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, skipping.params, strict=True))
+    assert not skipping.optimizer.state
+    stepping = GraTa(tiny_net(), beta=1e-2, seed=1, min_cos=cos - 0.1)
+    stepping(x)
+    assert not all(torch.equal(a, b) for a, b in zip(before, stepping.params, strict=True))
+    with pytest.raises(ValueError, match="min_cos"):
+        GraTa(tiny_net(), min_cos=1.0)
+
+
+def test_steps_repeat_the_update():
+    x = torch.rand(1, 3, 16, 16)
+    twice = GraTa(tiny_net(), beta=1e-2, seed=2, steps=2)
+    twice(x)
+    once = GraTa(tiny_net(), beta=1e-2, seed=2)
+    once.adapt_batch(x)
+    once.adapt_batch(x)
+    for a, b in zip(once.params, twice.params, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="steps"):
+        GraTa(tiny_net(), steps=0)

@@ -66,6 +66,12 @@ class GraTa(TTAdapter):
         bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them: 0 (the paper: the
             batch's own statistics), N > 0 (mixed with the source statistics counted as N samples).
         bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        radius: the perturbation θ → θ'. None (the paper): the unit step θ' = θ − g_aux. A float r: a step
+            scaled to the parameters' own size, θ' = θ − r·‖θ‖·g_aux/‖g_aux‖ (r = 0.01 moves the adapted
+            parameters by 1 % of their norm, whatever the size of the gradient).
+        min_cos: take the update only when cos(g_aux, g_pseudo) > ``min_cos`` (None, the paper: always; 0: only
+            when the two gradients agree). A skipped update leaves the weights and Adam's state as they were.
+        steps: updates per batch before the prediction (the paper: 1).
     """
 
     stochastic = True  # the strong view is random
@@ -87,6 +93,9 @@ class GraTa(TTAdapter):
         batch_views: bool = True,
         bn_prior: float = 0.0,
         bn_momentum: float = 0.0,
+        radius: float | None = None,
+        min_cos: float | None = None,
+        steps: int = 1,
     ) -> None:
         for name, value in (("aux", aux), ("pseudo", pseudo)):
             if value not in LOSSES:
@@ -95,6 +104,13 @@ class GraTa(TTAdapter):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if not beta > 0:
             raise ValueError(f"beta must be positive, got {beta}")
+        if radius is not None and not radius > 0:
+            raise ValueError(f"radius must be positive (or None for the paper's unit step), got {radius}")
+        if min_cos is not None and not -1 <= min_cos < 1:
+            raise ValueError(f"min_cos must be in [-1, 1) (or None: always step), got {min_cos}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        self.radius, self.min_cos, self.steps = radius, min_cos, int(steps)
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
         super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
@@ -126,7 +142,21 @@ class GraTa(TTAdapter):
         teacher = self.teacher(x)
         return consistency_loss(self.model(self.strong_transform(x)), teacher, self.multilabel)
 
+    def perturbation(self, grad_aux: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The step θ − θ' from the auxiliary gradient: the gradient itself, or scaled to ``radius``·‖θ‖."""
+        if self.radius is None:
+            return grad_aux
+        scale = self.radius * _flat(self.params).norm() / (_flat(grad_aux).norm() + 1e-12)
+        return [g * scale for g in grad_aux]
+
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        stats: dict[str, torch.Tensor] = {}
+        for _ in range(self.steps):
+            stats = self.adapt_step(x)
+        return stats
+
+    def adapt_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One update of Algorithm 1 on ``x``; returns its statistics as 0-dim tensors."""
         # the record_function ranges name the phases for benchmarks/tta_speed.py --breakdown
         with record_function("grata/aux_gradient"):
             loss_aux = self.loss(self.aux, x)
@@ -134,7 +164,7 @@ class GraTa(TTAdapter):
         if self.align:
             source = [p.detach().clone() for p in self.params]
             with torch.no_grad():
-                torch._foreach_sub_(self.params, grad_aux)
+                torch._foreach_sub_(self.params, self.perturbation(grad_aux))
         with record_function("grata/pseudo_gradient"):
             loss_pseudo = self.loss(self.pseudo, x)
             grad_pseudo = torch.autograd.grad(loss_pseudo, self.params)
@@ -146,11 +176,14 @@ class GraTa(TTAdapter):
             flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
             cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
             lr = self.beta * ACTIVATIONS[self.activation](cos) if self.dynamic_lr else torch.full_like(cos, self.beta)
-            for p, g in zip(self.params, grad_pseudo, strict=True):
-                p.grad = g
-            self.optimizer.param_groups[0]["lr"] = float(lr)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.min_cos is not None and not float(cos) > self.min_cos:
+                lr = torch.zeros_like(lr)
+            else:
+                for p, g in zip(self.params, grad_pseudo, strict=True):
+                    p.grad = g
+                self.optimizer.param_groups[0]["lr"] = float(lr)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         return {
             "cos": cos.detach(),
             "lr": lr.detach(),
