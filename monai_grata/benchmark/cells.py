@@ -17,7 +17,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from monai_grata.data import domain_datalist, fundus_preprocessing, split_train_val
-from monai_grata.networks import load_weights, resunet
+from monai_grata.networks import checkpoint_decoder, load_weights, resunet
 from monai_grata.tta import adapter_class, build_adapter
 from monai_grata.utils.per_image import finite_mean
 
@@ -129,7 +129,7 @@ def load_target(items: Sequence[dict], image_size: int) -> list[dict[str, torch.
 
 
 def _source_model(ckpt_path: str, device: torch.device) -> nn.Module:
-    return load_weights(resunet(), ckpt_path).to(device)
+    return load_weights(resunet(decoder=checkpoint_decoder(ckpt_path)), ckpt_path).to(device)
 
 
 def _score(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

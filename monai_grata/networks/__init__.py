@@ -1,3 +1,4 @@
-from .resunet import load_weights, resunet, save_half_precision
+from .authors_resunet import AuthorsResUNet
+from .resunet import DECODERS, checkpoint_decoder, load_weights, resunet, save_half_precision
 
-__all__ = ["load_weights", "resunet", "save_half_precision"]
+__all__ = ["AuthorsResUNet", "DECODERS", "checkpoint_decoder", "load_weights", "resunet", "save_half_precision"]

@@ -1,4 +1,4 @@
-"""The ResUNet source network of GraTa: MONAI's FlexibleUNet with a ResNet encoder."""
+"""The ResUNet source network of GraTa: MONAI's FlexibleUNet with a ResNet encoder, or the authors' ResUnet."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from monai.networks.nets import FlexibleUNet
 
 from monai_grata.data.checks import BadInputError, MissingInputError
 
-__all__ = ["resunet", "load_weights", "save_half_precision"]
+from .authors_resunet import AuthorsResUNet
+
+__all__ = ["DECODERS", "checkpoint_decoder", "resunet", "load_weights", "save_half_precision"]
+
+#: the decoders :func:`resunet` builds
+DECODERS = ("flexible", "authors")
 
 
 def resunet(
@@ -19,7 +24,8 @@ def resunet(
     out_channels: int = 2,
     backbone: str = "resnet34",
     norm: str | tuple = ("batch", {"eps": 1e-3, "momentum": 0.1}),
-) -> FlexibleUNet:
+    decoder: str = "flexible",
+) -> FlexibleUNet | AuthorsResUNet:
     """Build the ResUNet-34 of the paper (a U-Net decoder on a ResNet-34 encoder).
 
     Args:
@@ -28,11 +34,24 @@ def resunet(
         out_channels: output channels (2 for fundus: optic disc and optic cup, sigmoid multi-label).
         backbone: any FlexibleUNet backbone name, e.g. ``"resnet18"``, ``"resnet34"``, ``"resnet50"``.
         norm: normalisation of the decoder, as FlexibleUNet takes it; the encoder always uses BatchNorm.
+            Ignored by the authors' decoder (BatchNorm, eps 1e-5).
+        decoder: ``"flexible"`` (default): MONAI's FlexibleUNet decoder; ``"authors"``: the authors' ResUnet
+            (VPTTA's / GraTa's code: BatchNorm after each skip concatenation at 256 channels, a 32-channel output
+            block; :class:`~monai_grata.networks.authors_resunet.AuthorsResUNet`).
 
     Returns:
-        An untrained ``monai.networks.nets.FlexibleUNet`` (no ImageNet weights: they cannot be
-        downloaded offline). Input sides must be multiples of 32.
+        An untrained ``monai.networks.nets.FlexibleUNet`` or ``AuthorsResUNet`` (no ImageNet weights: they
+        cannot be downloaded offline). Input sides must be multiples of 32.
+
+    Raises:
+        ValueError: an unknown decoder.
     """
+    if decoder == "authors":
+        return AuthorsResUNet(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, backbone=backbone
+        )
+    if decoder != "flexible":
+        raise ValueError(f"unknown decoder {decoder!r}; choose from {DECODERS}")
     return FlexibleUNet(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -41,6 +60,20 @@ def resunet(
         spatial_dims=spatial_dims,
         norm=norm,
     )
+
+
+def checkpoint_decoder(ckpt_path: str) -> str:
+    """Which :func:`resunet` decoder wrote the checkpoint ``ckpt_path``: ``"authors"`` or ``"flexible"``.
+
+    Read from the state-dict keys (the authors' ResUnet has ``up1.bn.*``). A file that cannot be read counts as
+    ``"flexible"``, so that :func:`load_weights` then reports what is wrong with it.
+    """
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or unreadable: load_weights says why
+        return "flexible"
+    state = _state_dict_from(checkpoint) if isinstance(checkpoint, Mapping) else {}
+    return "authors" if "up1.bn.weight" in state else "flexible"
 
 
 def _state_dict_from(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
@@ -94,7 +127,7 @@ def _mismatch(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
         for keys, what in ((missing, "missing keys"), (unexpected, "unexpected keys"), (reshaped, "of another shape"))
         if keys
     ]
-    return ", ".join(parts) + "; was it trained with another --backbone, --in_channels or --out_channels?"
+    return ", ".join(parts) + "; was it trained with another --decoder, --backbone, --in_channels or --out_channels?"
 
 
 def save_half_precision(network_or_state: torch.nn.Module | Mapping, path: str) -> None:
