@@ -12,6 +12,9 @@ keeps allocated (network, the adapter's copy of the source state, optimizer stat
 batch allocates on top, relative to plain inference and to the training step. ``--json FILE`` also writes all
 numbers, with the device, torch and CUDA versions and the date.
 
+``--methods NAME ...`` (or ``all``) also times those registered adapters (``monai_grata.tta.adapter_names()``,
+each with its defaults; the baselines of Table 1), so ``docs/results.md`` has a speed column from one run.
+
 With ``--breakdown`` (CPU only) it then profiles the batched GraTa steps with ``torch.profiler`` and splits a
 step into the phases Algorithm 1 is made of (the ``record_function`` ranges in ``monai_grata.tta``), each in ms
 and in units of plain inference.
@@ -32,7 +35,7 @@ from monai.losses import DiceFocalLoss
 from torch.profiler import ProfilerActivity, profile
 
 from monai_grata.networks import resunet
-from monai_grata.tta import GraTa, Tent
+from monai_grata.tta import GraTa, Tent, adapter_names, build_adapter
 
 PLAIN, TRAIN = "plain inference", "training step (fwd+bwd, Dice+BCE)"
 
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed images per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--breakdown", action="store_true", help="also split a GraTa step into its phases (CPU)")
+    parser.add_argument("--methods", nargs="*", default=[], help="also time these registered adapters ('all': all)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.breakdown and torch.device(args.device).type != "cpu":
@@ -181,6 +185,8 @@ def main() -> None:
         "GraTa (views one by one)": lambda: GraTa(fresh(), batch_views=False),
         TRAIN: lambda: TrainingStep(fresh(), label),
     }
+    for method in adapter_names() if args.methods == ["all"] else args.methods:
+        builders[f"{method} (adapt + predict)"] = lambda method=method: build_adapter(method, fresh())
     header = {
         "device": str(device),
         "device_name": device_description(device),
