@@ -64,3 +64,12 @@ def test_summary_means_and_stds_over_seeds():
     mean, std, n = summary["cells"][("m", "a→b")]["dice_mean"]
     assert (n, mean) == (2, pytest.approx(0.6)) and std == pytest.approx(0.1414, abs=1e-4)
     assert summary["average"]["m"][0] == pytest.approx(0.6)
+
+
+def test_methods_all_is_no_adapt_and_every_baseline():
+    from monai_grata.benchmark.__main__ import all_methods
+    from monai_grata.tta import adapter_names
+
+    methods = all_methods()
+    assert methods[0] == "none" and "norm_select" not in methods
+    assert set(methods[1:]) == set(adapter_names()) - {"norm_select"}

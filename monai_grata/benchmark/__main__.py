@@ -23,14 +23,19 @@ import time
 import torch
 from tqdm import tqdm
 
-from monai_grata.tta import adapter_class
+from monai_grata.tta import adapter_class, adapter_names
 
 from .cells import VAL_SUFFIX, Cell, load_target, parse_method, run_cell, target_items
 from .store import BenchmarkStore, tracking_uri_of
 from .table import summarise, write_chart, write_csv, write_markdown
 
 logger = logging.getLogger("monai_grata.benchmark")
-ALL_METHODS = ("none", "norm", "tent", "grata")
+
+
+def all_methods() -> list[str]:
+    """What ``--methods all`` runs: No Adapt and every registered adapter except the per-image selector
+    ``norm_select`` (this project's experiment, not a baseline of the paper)."""
+    return ["none", *(name for name in adapter_names() if name != "norm_select")]
 
 
 def is_stochastic(method_name: str) -> bool:
@@ -40,7 +45,7 @@ def is_stochastic(method_name: str) -> bool:
 
 def build_cells(args: argparse.Namespace) -> list[Cell]:
     """Every (method, source, target, seed) cell of the grid, target by target (so images load once each)."""
-    methods = [parse_method(m) for m in (ALL_METHODS if args.methods == ["all"] else args.methods)]
+    methods = [parse_method(m) for m in (all_methods() if args.methods == ["all"] else args.methods)]
     for method in methods:
         if method.name != "none":
             adapter_class(method.name)  # an unknown name fails before any work
