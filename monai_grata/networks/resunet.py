@@ -93,6 +93,8 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, strict: bool = True) 
             the key ``"network"``.
         strict: passed to ``load_state_dict``.
 
+    The path is kept as ``network.checkpoint_path`` (DeTTA looks for its denoiser beside it).
+
     Raises:
         MissingInputError: (a ``FileNotFoundError``) when ``ckpt_path`` does not exist.
         BadInputError: (a ``ValueError``) when the file is not a readable checkpoint of a matching network; the
@@ -114,6 +116,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str, strict: bool = True) 
     except RuntimeError as err:
         differences = _mismatch(reference, state)
         raise BadInputError(f"checkpoint {ckpt_path!r} does not match the network: {differences}") from err
+    network.checkpoint_path = ckpt_path  # where it came from (DeTTA finds its denoiser beside it)
     return network
 
 

@@ -19,6 +19,7 @@ from .batchnorm import (
     track_test_statistics,
     update_running_statistics,
 )
+from .detta import DeTTA, blind_spot, denoising_loss
 from .diga import DIGA
 from .dltta import DLTTA, symmetric_kl
 from .domainadaptor import DomainAdaptor, generalized_entropy_loss
@@ -35,6 +36,9 @@ from .tent import Tent
 __all__ = [
     "ACTIVATIONS",
     "DIGA",
+    "DeTTA",
+    "blind_spot",
+    "denoising_loss",
     "DLTTA",
     "DUA",
     "DomainAdaptor",
