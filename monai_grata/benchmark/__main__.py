@@ -16,17 +16,20 @@ found in the store are skipped, so an interrupted benchmark resumes. At the end 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
 
+import ignite.distributed as idist
 import torch
 from tqdm import tqdm
 
 from monai_grata.tta import adapter_class, adapter_names
 
 from .cells import VAL_SUFFIX, Cell, load_target, parse_method, run_cell, target_items
-from .store import BenchmarkStore, tracking_uri_of
+from .distributed import launched_world_size, process_group, rank_device, shard
+from .store import SQLITE, BenchmarkStore, merge_rank_stores, rank_store, tracking_uri_of
 from .table import summarise, write_chart, write_csv, write_markdown
 
 logger = logging.getLogger("monai_grata.benchmark")
@@ -70,7 +73,7 @@ def run_key(cell: Cell, args: argparse.Namespace) -> str:
     return key if models == os.path.join("bundles/grata/models", "source_{source}.pt") else f"{key}|models={models}"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--datalist", default=None, help="default: DATASET_DIR/datalist.json when it exists")
@@ -86,29 +89,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models_dir", default="bundles/grata/models")
     parser.add_argument("--checkpoint_name", default="source_{source}.pt", help="file name in MODELS_DIR per source")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tracking_uri", default=None, help="default: sqlite:///OUTPUT_DIR/mlflow.db")
+    parser.add_argument(
+        "--tracking_uri",
+        default=None,
+        help="default: sqlite:///OUTPUT_DIR/mlflow.db (under torchrun each rank writes mlflow_rank<r>.db beside a "
+        "SQLite store and rank 0 merges them; a tracking server takes every rank's writes directly)",
+    )
     parser.add_argument("--experiment", default="benchmark")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.makedirs(args.output_dir, exist_ok=True)
-    for source in args.sources:
-        ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=source))
-        if not os.path.isfile(ckpt):
-            parser.error(f"no source model for {source!r}: {ckpt} not found (see --models_dir)")
-    cells = build_cells(args)
-    store = BenchmarkStore(args.tracking_uri or tracking_uri_of(args.output_dir), args.experiment)
-    done = store.finished()
-    todo = [c for c in cells if run_key(c, args) not in done]
-    logger.info(f"{len(cells)} cells, {len(cells) - len(todo)} already in the store, {len(todo)} to run")
+    return parser
+
+
+def run_cells(
+    cells: list[Cell], args: argparse.Namespace, device: torch.device, store: BenchmarkStore, done: dict
+) -> None:
+    """Run ``cells`` in order, each logged to ``store`` as soon as it has finished and recorded in ``done``.
+
+    Args:
+        cells: the cells to run, target by target (each target's images are loaded once).
+        args: the parsed command line.
+        device: where the models run.
+        store: where the finished cells go.
+        done: ``{run key: record}``, updated in place.
+    """
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    desc, position = ("benchmark", None) if world_size < 2 else (f"benchmark rank {rank}", rank)
     images, loaded_target = [], None
-    for cell in tqdm(todo, desc="benchmark", unit="cell"):
+    for cell in tqdm(cells, desc=desc, unit="cell", position=position):
         if cell.target != loaded_target:
             items = target_items(args.dataset_dir, cell.target, args.datalist)
             end = None if args.max_images is None else args.skip_images + args.max_images
             images, loaded_target = load_target(items[args.skip_images : end], args.image_size), cell.target
         start = time.perf_counter()
         ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=cell.source))
-        summary, rows = run_cell(cell, images, ckpt, args.device)
+        summary, rows = run_cell(cell, images, ckpt, device)
         params = {"image_size": args.image_size, "n_images": len(images), "skip_images": args.skip_images,
                   "max_images": args.max_images, "device": args.device, "ckpt_path": ckpt}  # fmt: skip
         key = run_key(cell, args)
@@ -116,14 +129,76 @@ def main(argv: list[str] | None = None) -> dict:
         done[key] = {"method": cell.method.label, "source": cell.source, "target": cell.target, "seed": cell.seed,
                      **summary}  # fmt: skip
         logger.info(f"{key}: dice_mean {summary['dice_mean']:.4f} ({time.perf_counter() - start:.0f} s)")
-    records = [done[run_key(c, args)] for c in cells]
-    summary = summarise(records)
+
+
+def run_grid(cells: list[Cell], args: argparse.Namespace, device: torch.device) -> dict | None:
+    """Run the cells not yet in the store, on this process or on this rank's share of them, and write the table.
+
+    One process logs into the store. Under ``torchrun`` rank 0 alone reads the store and deals the remaining cells
+    to the ranks; with a SQLite store (one writer at a time) every rank logs into its own ``mlflow_rank<r>.db`` and
+    rank 0, once all ranks are done, merges them into the store (also what an interrupted run left, at the start);
+    a tracking server takes every rank's runs directly. Then rank 0 writes the table from the store.
+
+    Returns:
+        The table's summary (see :func:`~monai_grata.benchmark.summarise`); ``None`` on ranks other than 0.
+
+    Raises:
+        RuntimeError: a cell missing from the store at the end.
+    """
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    uri = args.tracking_uri or tracking_uri_of(args.output_dir)
+    sqlite = uri.startswith(SQLITE)
+    store, done, todo = None, {}, []
+    if rank == 0:
+        store = BenchmarkStore(uri, args.experiment)
+        if sqlite and merge_rank_stores(store):
+            logger.info("merged the cells an interrupted multi-process run left")
+        done = store.finished()
+        todo = [i for i, cell in enumerate(cells) if run_key(cell, args) not in done]
+        on = f" on {world_size} processes" if world_size > 1 else ""
+        logger.info(f"{len(cells)} cells, {len(cells) - len(todo)} already in the store, {len(todo)} to run{on}")
+    if world_size > 1:  # rank 0 alone reads the store; the others get the cells to run from it
+        todo = json.loads(idist.broadcast(json.dumps(todo) if rank == 0 else "", src=0, safe_mode=True))
+        store = rank_store(uri, rank, args.experiment) if sqlite else (store or BenchmarkStore(uri, args.experiment))
+    run_cells(shard([cells[i] for i in todo]), args, device, store, done)
+    if world_size > 1:
+        idist.barrier()
+        if rank > 0:
+            return None
+        store = BenchmarkStore(uri, args.experiment)
+        if sqlite:
+            merge_rank_stores(store)
+        done = store.finished()
+    missing = [run_key(c, args) for c in cells if run_key(c, args) not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} cells are not in {uri}: {missing[:3]}")
+    summary = summarise([done[run_key(c, args)] for c in cells])
     paths = [os.path.join(args.output_dir, f"table.{ext}") for ext in ("md", "csv", "png")]
     print(write_markdown(summary, paths[0]))
     write_csv(summary, paths[1])
     write_chart(summary, paths[2])
     store.log_artifacts(paths)
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world_size = launched_world_size()
+    prefix = f"[rank {os.environ.get('RANK', 0)}] " if world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=prefix + "%(message)s")
+    os.makedirs(args.output_dir, exist_ok=True)
+    for source in args.sources:
+        ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=source))
+        if not os.path.isfile(ckpt):
+            parser.error(f"no source model for {source!r}: {ckpt} not found (see --models_dir)")
+    try:
+        rank_device(args.device, world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as err:
+        parser.error(str(err))
+    cells = build_cells(args)
+    with process_group(args.device) as device:
+        return run_grid(cells, args, device)
 
 
 if __name__ == "__main__":

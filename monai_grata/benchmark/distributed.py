@@ -1,0 +1,82 @@
+"""The benchmark on several processes: ``torchrun --nproc_per_node N -m monai_grata.benchmark ...``.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins one process group (gloo on CPU, nccl on GPU, one GPU per
+rank from ``LOCAL_RANK``), takes every N-th cell still to run, and logs its cells; rank 0 then builds the table.
+Where the cells are logged (the store scheme) is decided in ``__main__``: a SQLite store takes one writer, so each
+rank writes ``mlflow_rank{r}.db`` and rank 0 merges them (:func:`~monai_grata.benchmark.store.merge_rank_stores`);
+a tracking server takes every rank's writes directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import TypeVar
+
+import ignite.distributed as idist
+import torch
+
+__all__ = ["TIMEOUT", "launched_world_size", "process_group", "rank_device", "shard"]
+
+# Ranks wait for each other at the end of their shards, which may differ by hours on a CPU (GraTa takes ten times
+# as long as No Adapt); torch's default of 30 minutes would end a healthy run. torchrun ends every rank when one fails.
+TIMEOUT = timedelta(days=7)
+T = TypeVar("T")
+
+
+def launched_world_size() -> int:
+    """The number of processes ``torchrun`` started (its ``WORLD_SIZE``; 1 when started plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_device(device: str, world_size: int, local_rank: int) -> torch.device:
+    """The device of one rank: in a multi-process run, ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per rank).
+
+    Args:
+        device: the ``--device`` given (``cpu``, ``cuda``, ``cuda:N``).
+        world_size: the number of processes.
+        local_rank: this process's rank on its machine.
+
+    Raises:
+        ValueError: a GPU index given to a multi-process run, or fewer GPUs than processes on the machine.
+    """
+    dev = torch.device(device)
+    if world_size < 2 or dev.type != "cuda":
+        return dev
+    if dev.index is not None:
+        raise ValueError(f"--device {device}: under torchrun every rank takes the GPU of its LOCAL_RANK; pass cuda")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} GPUs on this machine")
+    return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[torch.device]:
+    """Join the process group when started by ``torchrun`` with more than one process (gloo for ``cpu``, nccl
+    for ``cuda``) and leave it at the end; a plain run starts none. Yields this rank's device.
+
+    Args:
+        device: the ``--device`` given.
+    """
+    world_size = launched_world_size()
+    dev = rank_device(device, world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size < 2:
+        yield dev
+        return
+    idist.initialize("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+    try:
+        yield dev
+    finally:
+        idist.finalize()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: every ``world_size``-th item from its rank on.
+
+    Round-robin keeps each rank's items in the given order (so a rank still loads each target once) and mixes
+    cheap and costly methods on every rank. Unlike ``monai.data.partition_dataset`` it allows fewer items than
+    ranks, as a resumed run often has.
+    """
+    return list(items[idist.get_rank() :: idist.get_world_size()])

@@ -1,0 +1,86 @@
+"""The benchmark under ``torchrun``: cells dealt over the ranks, one SQLite store per rank merged by rank 0."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from monai_grata.benchmark import Cell, parse_method
+from monai_grata.benchmark.__main__ import build_parser, run_key
+from monai_grata.benchmark.__main__ import main as benchmark_main
+from monai_grata.benchmark.compare import records_from_store
+from monai_grata.benchmark.distributed import rank_device
+from monai_grata.benchmark.store import BenchmarkStore, rank_store, tracking_uri_of
+
+from .conftest import REPO_ROOT, SAMPLE_DIR
+
+GRID = ["--dataset_dir", SAMPLE_DIR, "--sources", "refuge_train", "--targets", "drishti_gs", "refuge_val",
+        "--max_images", "2", "--device", "cpu"]  # fmt: skip
+
+
+def without_speed(table: str) -> list[list[str]]:
+    """The rows of a markdown table without the images/s column (a measurement, not a result)."""
+    return [line.split(" | ")[:-1] for line in table.strip().splitlines()]
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` (a free port of its own) of the benchmark, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*command, "-m", "monai_grata.benchmark", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_a_cell_left_in_a_rank_store_is_not_run_again_and_is_merged(tmp_path):
+    args = GRID + ["--methods", "none", "--image_size", "64", "--output_dir", str(tmp_path)]
+    cell = Cell(parse_method("none"), "refuge_train", "drishti_gs", 0)
+    key = run_key(cell, build_parser().parse_args(args))
+    # what an interrupted two-process run leaves: a finished cell in rank 1's store, nothing in the main store
+    left = rank_store(tracking_uri_of(str(tmp_path)), 1)
+    summary = {"dice_od": 0.5, "dice_oc": 0.25, "dice_mean": 0.375, "assd_od": 1.0, "assd_oc": 2.0, "images_per_s": 1.0}
+    left.log_cell(key, cell, {"image_size": 64}, summary, [{"filename": "a.png", "dice_od": 0.5}])
+    result = benchmark_main(args)
+    assert result["cells"][("none", "refuge_train→drishti_gs")]["dice_mean"][0] == 0.375  # not run again
+    records = records_from_store(str(tmp_path))
+    assert sorted(r["target"] for r in records) == ["drishti_gs", "refuge_val"]  # each cell once
+    assert not [f for f in os.listdir(tmp_path) if "_rank" in f]  # the rank store is merged and removed
+    store = BenchmarkStore(tracking_uri_of(str(tmp_path)))
+    merged = next(r for r in store.client.search_runs([store.experiment_id]) if r.info.run_name == key)
+    assert store.client.list_artifacts(merged.info.run_id)[0].path == "per_image.csv"
+
+
+def test_rank_stores_are_for_sqlite_and_gpus_follow_the_local_rank():
+    with pytest.raises(ValueError, match="SQLite"):
+        rank_store("http://localhost:5000", 0)
+    assert rank_device("cpu", 2, 1) == torch.device("cpu")
+    assert rank_device("cuda:1", 1, 0) == torch.device("cuda:1")  # one process: as given
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        rank_device("cuda:1", 2, 0)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_table_and_every_cell_once(tmp_path):
+    grid = GRID + ["--methods", "none", "grata", "--seeds", "0", "1", "--image_size", "64"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun children (OMP_NUM_THREADS=1): the same arithmetic
+    try:
+        benchmark_main(grid + ["--output_dir", str(tmp_path / "one")])
+        # the 'none' cells finished before, by one process: the two ranks run only the four GraTa cells
+        benchmark_main(GRID + ["--methods", "none", "--image_size", "64", "--output_dir", str(tmp_path / "two")])
+    finally:
+        torch.set_num_threads(threads)
+    run = torchrun(2, *grid, "--output_dir", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "6 cells, 2 already in the store, 4 to run on 2 processes" in run.stderr
+    for rank in (0, 1):  # each rank ran two cells
+        assert run.stderr.count(f"[rank {rank}] grata|") == 2
+    one, two = ((tmp_path / d / "table.md").read_text() for d in ("one", "two"))
+    assert without_speed(two) == without_speed(one)
+    records = records_from_store(str(tmp_path / "two"))
+    cells = sorted((r["method"], r["target"], r["seed"]) for r in records)
+    assert len(cells) == 6 and len(set(cells)) == 6  # no cell lost, none twice
+    assert not [f for f in os.listdir(tmp_path / "two") if "_rank" in f]
