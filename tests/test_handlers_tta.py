@@ -6,11 +6,12 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.handlers import StatsHandler
+from monai.inferers import SlidingWindowInferer
 
 from monai_grata.handlers import GraTaHandler, TTAHandler, tta_output_transform
-from monai_grata.tta import GraTa
+from monai_grata.tta import GraTa, PatchAdaptation
 
-from .test_tta_grata import tiny_net
+from .test_tta_grata import tiny_net, tiny_net_3d
 
 
 def loader(domains=("a", "a", "b", "b")):
@@ -102,3 +103,89 @@ def test_adapter_must_wrap_the_evaluator_network():
 
 def test_tta_output_transform_without_stats():
     assert tta_output_transform([{"pred": torch.zeros(1)}]) is None
+
+
+# --- volumes with a SlidingWindowInferer: adapt on patches, predict every window with the adapted weights ---------
+
+
+def volume_loader(domains=("a", "a", "b")):
+    torch.manual_seed(5)
+    data = [{"image": torch.rand(1, 20, 20, 4), "label": torch.ones(3, 20, 20, 4), "domain": d} for d in domains]
+    return DataLoader(data, batch_size=1, shuffle=False)
+
+
+def sliding_evaluator(network, handlers):
+    inferer = SlidingWindowInferer(roi_size=(8, 8, -1), sw_batch_size=2, overlap=0.25)
+    engine = SupervisedEvaluator(
+        device="cpu", val_data_loader=volume_loader(), network=network, inferer=inferer, val_handlers=handlers
+    )
+    preds = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
+    return engine, inferer, preds
+
+
+def test_sliding_window_evaluator_predicts_with_the_patch_adapted_weights():
+    source = tiny_net_3d()
+    reference = PatchAdaptation(GraTa(copy.deepcopy(source), beta=1e-2, seed=2, multilabel=False), (8, 8, -1), 3)
+    network = copy.deepcopy(source)
+    handler = TTAHandler(method="grata", num_patches=3, beta=1e-2, seed=2, multilabel=False)
+    engine, inferer, preds = sliding_evaluator(network, [handler])
+    seen = []
+    engine.add_event_handler(
+        Events.STARTED,
+        lambda e: setattr(handler.adapter, "adapt", lambda x, f=handler.adapter.adapt: (seen.append(x.shape), f(x))[1]),
+    )
+    engine.run()
+    expected = [reference(batch["image"], inferer) for batch in volume_loader()]
+    assert seen == [torch.Size([3, 1, 8, 8, 4])] * 3  # patches only, never the 20 x 20 x 4 volume
+    for got, want in zip(preds, expected, strict=True):
+        torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6)
+    assert float(engine.state.tta["n_patches"]) == 3 and "cos" in engine.state.tta
+    assert all("forward" not in vars(m) for m in network.modules())  # BatchNorm released after each iteration
+
+
+def test_sliding_window_reset_on_domain_change_and_rollback(caplog):
+    network = tiny_net_3d()
+    source = copy.deepcopy(network.state_dict())
+    handler = TTAHandler(method="tent", reset_key="domain", lr=1e-2, multilabel=False)
+    engine, _, preds = sliding_evaluator(network, [handler])
+    params = {}
+
+    def setup(engine):
+        adapter = handler.adapter
+        original = adapter.adapt
+
+        def adapt(x):  # the second volume's update goes non-finite and must be rolled back
+            stats = original(x)
+            if engine.state.iteration == 2:
+                params["before"] = [p.clone() for p in adapter.params]
+                with torch.no_grad():
+                    adapter.params[0].fill_(float("nan"))
+            return stats
+
+        adapter.adapt = adapt
+        adapter.reset = lambda f=adapter.reset: (params.setdefault("reset_at", engine.state.iteration), f())
+
+    def check(engine):
+        if engine.state.iteration == 2:
+            assert handler.adapter.n_rolled_back == 1 and float(engine.state.tta["rolled_back"]) == 1
+            assert bool(torch.isfinite(torch.cat([p.flatten() for p in handler.adapter.params])).all())
+        if engine.state.iteration == 3:  # domain "b": started again from the source weights, then adapted
+            assert params["reset_at"] == 3
+
+    engine.add_event_handler(Events.STARTED, setup)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, check)
+    engine.run()
+    assert all(bool(torch.isfinite(p).all()) for p in preds)
+    handler.adapter.reset()
+    assert all(torch.equal(v, source[k]) for k, v in network.state_dict().items())
+
+
+def test_patch_adaptation_needs_a_sliding_window_inferer():
+    handler = TTAHandler(method="norm", patch_adaptation=True)
+    with pytest.raises(ValueError, match="SlidingWindowInferer"):
+        evaluator(tiny_net(), [handler]).run()
+    whole = TTAHandler(method="norm", patch_adaptation=False)
+    engine, _, _ = sliding_evaluator(tiny_net_3d(), [whole])
+    engine.run()
+    assert whole.patches is None and len(whole.history) == 3

@@ -3,12 +3,15 @@ import torch
 from monai.data import MetaTensor
 
 from monai_grata.transforms import (
+    WEAK_VIEWS,
+    WEAK_VIEWS_3D,
     DiscCupFromLabel,
     DiscCupFromLabeld,
     StrongIntensityAug,
     StrongIntensityAugd,
     WeakViews,
     WeakViewsd,
+    weak_views,
 )
 
 
@@ -107,3 +110,36 @@ def test_grayscale_becomes_rgb_and_rgba_loses_alpha():
     assert torch.equal(to_rgb(nifti_rgba), rgba[:3])
     with pytest.raises(ValueError, match="has 2 channels, the network expects 3"):
         to_rgb(torch.zeros(2, 5, 6))
+
+
+def test_weak_views_of_volumes_are_exact_and_configurable():
+    x = torch.rand(2, 1, 6, 6, 4)  # (B, C, H, W, D): quarter turns in the axial plane (H, W)
+    views = WeakViews(WEAK_VIEWS_3D)
+    assert views.num_views == 7
+    stacked = views(x)
+    assert stacked.shape == (14, 1, 6, 6, 4)
+    back = views.inverse(stacked)
+    assert all(torch.equal(back[v], x) for v in range(7))
+    assert len({tuple(stacked[2 * v].flatten()[:8].tolist()) for v in range(7)}) == 7
+    assert torch.equal(stacked[8:10], torch.rot90(x, 1, (-3, -2)))  # view 4: a quarter turn in (H, W)
+    assert WeakViews(weak_views(2)).views == WeakViews(WEAK_VIEWS[:1] + WEAK_VIEWS[2:0:-1] + WEAK_VIEWS[3:]).views
+    assert len(weak_views(3, flip_axes=(), rotations=())) == 1
+    with pytest.raises(ValueError, match="square sides"):
+        views(torch.rand(1, 1, 6, 8, 6))
+    with pytest.raises(ValueError, match="negative spatial axes"):
+        weak_views(3, flip_axes=(0,))
+
+
+def test_strong_aug_on_volumes_and_in_plane_blur():
+    x = torch.rand(1, 1, 12, 12, 3).repeat(4, 1, 1, 1, 1)  # 3 slices: fewer than the blur kernel's radius
+    out = StrongIntensityAug(seed=3)(x)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.amax(dim=(1, 2, 3, 4)), torch.ones(4))
+    assert len({round(float(v), 5) for v in out.mean(dim=(1, 2, 3, 4))}) == 4  # a draw per sample
+    # in-plane blur only: a volume constant along the slice axis stays constant along it
+    flat = torch.rand(1, 1, 12, 12, 1).repeat(2, 1, 1, 1, 5)
+    aug = StrongIntensityAug(seed=1, blur_axes=(-3, -2), prob_noise=0.0, prob_blur_sample=1.0, prob_blur_channel=1.0)
+    blurred = aug(flat)
+    torch.testing.assert_close(blurred, blurred[..., :1].expand_as(blurred), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="blur_axes"):
+        StrongIntensityAug(blur_axes=(2,))

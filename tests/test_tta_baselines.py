@@ -28,7 +28,7 @@ from monai_grata.tta import (
     update_running_statistics,
 )
 
-from .test_tta_grata import tiny_net
+from .test_tta_grata import slicewise_net, tiny_net, tiny_net_3d
 
 BASELINES = {"dua": DUA, "diga": DIGA, "medbn": MedBN, "dltta": DLTTA, "domainadaptor": DomainAdaptor, "sar": SAR}
 # a small bank and no SAR reset, so that two images show an update of every method
@@ -355,3 +355,34 @@ def test_sar_filters_unreliable_pixels_and_resets_below_the_loss_average():
     kept(images(1)[0])
     assert 0 < float(kept.last_stats["kept"]) <= 1 and kept.ema is not None
     assert float(kept.last_stats["loss_pseudo"]) < math.log(2) * 0.4 + 1e-6
+
+
+# --- volumes: every registered adapter on a 3D network and on a 2D network applied slice by slice --------------------
+
+
+def _volume_options(name: str) -> dict:
+    options = dict(OPTIONS.get(name, {}))
+    if "multilabel" in inspect.signature(adapter_class(name)).parameters:
+        options["multilabel"] = False  # softmax over three classes
+    if name == "dua":
+        options["n_augmentations"] = 4
+    return options
+
+
+@pytest.mark.parametrize("make_net", [tiny_net_3d, slicewise_net], ids=["3d", "slicewise_2d"])
+@pytest.mark.parametrize("name", adapter_names())
+def test_every_adapter_adapts_volumes_and_resets(name, make_net):
+    if _required_arguments(name):
+        pytest.skip(f"{name} needs {_required_arguments(name)} to be built")
+    net = make_net(3)
+    with torch.no_grad():  # confident predictions, so DIGA's and SAR's filters keep voxels
+        last = net.network[-1] if hasattr(net, "network") else net[-1]
+        last.weight.mul_(20)
+    adapter = build_adapter(name, net, **_volume_options(name))
+    source = copy.deepcopy(adapter.model.state_dict())
+    torch.manual_seed(3)
+    for _ in range(2):
+        out = adapter(torch.rand(1, 1, 8, 8, 4) * 3 + 1)
+        assert out.shape == (1, 3, 8, 8, 4) and bool(torch.isfinite(out).all())
+    adapter.reset()
+    assert not changed(source, adapter.model.state_dict())

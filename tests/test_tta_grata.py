@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_grata.transforms import StrongIntensityAug
+from monai_grata.networks.slicewise import SliceWise
+from monai_grata.transforms import StrongIntensityAug, weak_views
 from monai_grata.tta import ACTIVATIONS, GraTa, Tent, build_adapter, per_group_batch_norm
 
 
@@ -312,3 +313,90 @@ def test_steps_repeat_the_update():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="steps"):
         GraTa(tiny_net(), steps=0)
+
+
+# --- volumes: a 3D network and a 2D network applied slice by slice ---------------------------------------------
+
+
+def tiny_net_3d(out_channels: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+        nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+        nn.Conv3d(4, out_channels, 1),
+    )  # fmt: skip
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def slicewise_net(out_channels: int = 3) -> nn.Module:
+    net = tiny_net(out_channels)
+    net[0] = nn.Conv2d(1, 8, 3, padding=1)
+    return SliceWise(net)
+
+
+def reference_grata_3d(model: nn.Module, volume: torch.Tensor, beta: float, seed: int, multilabel: bool) -> nn.Module:
+    """One step of Algorithm 1 on a volume (B, C, H, W, D), written out: train-mode BN, one forward per weak view
+    (identity, a flip along each axis, quarter turns in the axial plane (H, W)), Adam's first step by hand."""
+    model = copy.deepcopy(model).train()
+    params = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in (m.weight, m.bias)]
+
+    def prob(logits):
+        return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+
+    p = prob(model(volume))
+    g_ent = torch.autograd.grad(-(p * torch.log(p + 1e-6)).sum(dim=1).mean(), params)
+    theta = [q.detach().clone() for q in params]
+    with torch.no_grad():
+        for q, g in zip(params, g_ent, strict=True):
+            q -= g
+        views = [prob(model(volume))]
+        views += [prob(model(volume.flip(a))).flip(a) for a in (-3, -2, -1)]
+        views += [torch.rot90(prob(model(torch.rot90(volume, k, (-3, -2)))), -k, (-3, -2)) for k in (1, 2, 3)]
+        teacher = sum(views) / 7
+    student = model(StrongIntensityAug(seed=seed)(volume))
+    if multilabel:
+        consistency = F.binary_cross_entropy_with_logits(student, teacher)
+    else:
+        consistency = -(teacher * F.log_softmax(student, dim=1)).sum(dim=1).mean()
+    g_con = torch.autograd.grad(consistency, params)
+    a, b = torch.cat([g.flatten() for g in g_ent]), torch.cat([g.flatten() for g in g_con])
+    lr = beta * ((a @ b) / (a.norm() * b.norm() + 1e-12) + 1) ** 2 / 4
+    with torch.no_grad():
+        for q, t, g in zip(params, theta, g_con, strict=True):  # Adam's first step: m̂ = g, v̂ = g²
+            q.copy_(t - lr * g / (g.abs() + 1e-8))
+    return model
+
+
+@pytest.mark.parametrize("make_net", [tiny_net_3d, slicewise_net], ids=["3d", "slicewise_2d"])
+@pytest.mark.parametrize("multilabel", [False, True], ids=["softmax", "sigmoid"])
+def test_grata_step_on_a_volume_matches_algorithm_1(make_net, multilabel):
+    source = make_net(3)
+    torch.manual_seed(4)
+    volume = torch.rand(1, 1, 8, 8, 5)
+    expected = reference_grata_3d(source, volume, beta=1e-2, seed=5, multilabel=multilabel)
+    adapter = GraTa(copy.deepcopy(source), beta=1e-2, seed=5, multilabel=multilabel)
+    out = adapter(volume)
+    assert out.shape == (1, 3, 8, 8, 5)
+    assert adapter.weak_views(volume).num_views == 7
+    want = dict(expected.named_parameters())
+    moved = 0
+    for name, value in adapter.model.named_parameters():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(value, dict(source.named_parameters())[name])
+    assert moved == 4  # weight and bias of both BatchNorm layers, nothing else
+
+
+def test_grata_views_are_configurable_for_volumes():
+    views = weak_views(3, flip_axes=(-3, -2), rotations=(2,))
+    assert views == (((), 0, (-3, -2)), ((-3,), 0, (-3, -2)), ((-2,), 0, (-3, -2)), ((), 2, (-3, -2)))
+    adapter = GraTa(tiny_net_3d(), views=views, multilabel=False)
+    volume = torch.rand(1, 1, 6, 8, 4)  # a half turn needs no square plane
+    assert adapter.weak_views(volume).num_views == 4
+    assert adapter(volume).shape == (1, 3, 6, 8, 4)
+    with pytest.raises(ValueError, match="square sides in their plane"):
+        GraTa(tiny_net_3d(), multilabel=False)(volume)  # the default quarter turns do

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from monai_grata.tta import TTAdapter, build_adapter
+from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter
 
 __all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
 
@@ -27,6 +29,11 @@ class TTAHandler:
     item, so ``StatsHandler``/``MLFlowHandler`` log them with ``output_transform=tta_output_transform``;
     ``history`` keeps them for the whole stream. Attach it before the logging handlers.
 
+    Volumes: when the evaluator's inferer is a ``SlidingWindowInferer``, the handler adapts on ``num_patches``
+    windows of each volume, never the whole volume at once, and the evaluator's sliding-window forward then predicts
+    every window with the adapted weights and the BatchNorm statistics of those patches
+    (:class:`~monai_grata.tta.PatchAdaptation`; the design and its cost are in ``docs/volumes.md``).
+
     Args:
         adapter: a ready adapter whose ``model`` is the evaluator's network; or ``None`` to build one with
             ``method`` and ``adapter_kwargs`` around ``network`` (default: the evaluator's network).
@@ -34,6 +41,9 @@ class TTAHandler:
         network: the network to adapt when building the adapter.
         reset_key: a batch key (e.g. ``"domain"``): the adapter is reset to the source weights whenever its
             value changes, so each target domain starts from the source model (continual within a domain).
+        patch_adaptation: adapt on patches (True), on the whole input (False), or on patches exactly when the
+            evaluator's inferer is a ``SlidingWindowInferer`` (None, the default), with its roi_size and overlap.
+        num_patches: patches per volume in patch adaptation.
         adapter_kwargs: the adapter's constructor arguments.
     """
 
@@ -43,17 +53,22 @@ class TTAHandler:
         method: str = "grata",
         network: nn.Module | None = None,
         reset_key: str | None = None,
+        patch_adaptation: bool | None = None,
+        num_patches: int = 4,
         **adapter_kwargs: Any,
     ) -> None:
         self.adapter, self.method, self.network, self.adapter_kwargs = adapter, method, network, adapter_kwargs
-        self.reset_key = reset_key
+        self.reset_key, self.patch_adaptation, self.num_patches = reset_key, patch_adaptation, num_patches
+        self.patches: PatchAdaptation | None = None
         self.history: list[dict[str, torch.Tensor]] = []
         self._last_group: Any = None
+        self._frozen = contextlib.ExitStack()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._setup)
         engine.add_event_handler(Events.ITERATION_STARTED, self.adapt)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.publish)
+        engine.add_event_handler(Events.COMPLETED, self._release)
 
     def _setup(self, engine: Engine) -> None:
         """Build the adapter on the evaluator's network (MONAI sets it after attaching handlers)."""
@@ -65,6 +80,14 @@ class TTAHandler:
             self.adapter = build_adapter(self.method, target, **self.adapter_kwargs)
         if network is not None and network is not self.adapter.model:
             raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")
+        inferer = getattr(engine, "inferer", None)
+        sliding = isinstance(inferer, SlidingWindowInferer)
+        if self.patch_adaptation and not sliding:
+            raise ValueError("patch_adaptation=True needs an evaluator with a SlidingWindowInferer (its roi_size)")
+        use_patches = sliding if self.patch_adaptation is None else self.patch_adaptation
+        self.patches = (
+            PatchAdaptation(self.adapter, inferer.roi_size, self.num_patches, inferer.overlap) if use_patches else None
+        )
         self.history = []
         self._last_group = None
 
@@ -82,12 +105,22 @@ class TTAHandler:
         prepared = engine.prepare_batch(
             engine.state.batch, engine.state.device, engine.non_blocking, **getattr(engine, "to_kwargs", {})
         )
-        stats = self.adapter.adapt_batch(prepared[0])
+        self._release()
+        if self.patches is None:
+            stats = self.adapter.adapt_batch(prepared[0])
+        else:  # the evaluator's forward, next, runs under the patches' statistics until ITERATION_COMPLETED
+            stats = self.patches.adapt(prepared[0])
+            self._frozen.enter_context(self.patches.frozen())
         engine.state.tta = stats
         self.history.append(stats)
 
+    def _release(self, engine: Engine | None = None) -> None:
+        """Give BatchNorm back its own statistics after a patch-adapted iteration."""
+        self._frozen.close()
+
     def publish(self, engine: Engine) -> None:
         """Add the step's statistics to every output item of the iteration."""
+        self._release()
         output = engine.state.output
         for item in output if isinstance(output, (list, tuple)) else [output]:
             if isinstance(item, dict):

@@ -2,11 +2,13 @@ from .channels import EnsureImageChannels, EnsureImageChannelsd
 from .intensity import StrongIntensityAug, StrongIntensityAugd
 from .io import NIFTI_SUFFIXES, SaveMaskd, SaveOverlayd, is_nifti
 from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd
-from .views import WEAK_VIEWS, WeakViews, WeakViewsd
+from .views import IN_PLANE_3D, WEAK_VIEWS, WEAK_VIEWS_3D, WeakViews, WeakViewsd, weak_views
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "IN_PLANE_3D",
     "WEAK_VIEWS",
+    "WEAK_VIEWS_3D",
     "DiscCupFromLabel",
     "DiscCupFromLabeld",
     "EnsureImageChannels",
@@ -20,4 +22,5 @@ __all__ = [
     "WeakViews",
     "WeakViewsd",
     "is_nifti",
+    "weak_views",
 ]

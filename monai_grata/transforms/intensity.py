@@ -42,7 +42,8 @@ class StrongIntensityAug(Transform):
        batchgenerators, half of the draws are below 1 and half above);
     4. additive Gaussian noise (p ``prob_noise`` per sample);
     5. Gaussian blur, sigma in ``blur_sigma`` (p ``prob_blur_sample`` per sample, then
-       ``prob_blur_channel`` per channel, own sigma per channel);
+       ``prob_blur_channel`` per channel, own sigma per channel), along ``blur_axes`` (every spatial axis by
+       default; a side shorter than the kernel gets the kernel truncated to it);
     6. min-max rescale of every sample to [0, 1].
 
     Why not MONAI's ``RandScaleIntensity``/``RandAdjustContrast``/``RandGaussianNoise``/
@@ -53,6 +54,9 @@ class StrongIntensityAug(Transform):
     Deviation from the listed settings: the noise level ``noise_std`` is drawn in [0, 0.05] and used as
     the standard deviation, as batchgenerators (the authors' augmentation library) uses its
     ``noise_variance`` draw; blur pads by reflection.
+
+    Works on images (B, C, H, W) and volumes (B, C, H, W, D) alike; for volumes of thick slices
+    ``blur_axes=(-3, -2)`` keeps the blur in the axial plane.
 
     Args:
         brightness: range of the multiplicative brightness factor.
@@ -66,6 +70,7 @@ class StrongIntensityAug(Transform):
         prob_noise: probability per sample.
         prob_blur_sample: probability per sample that blur is considered.
         prob_blur_channel: probability per channel of a considered sample.
+        blur_axes: the spatial axes blurred, as negative axes of the batch (default ``None``: all of them).
         seed: seed of the generator; the same seed gives the same output on the same device.
     """
 
@@ -82,6 +87,7 @@ class StrongIntensityAug(Transform):
         prob_noise: float = 0.5,
         prob_blur_sample: float = 0.5,
         prob_blur_channel: float = 0.5,
+        blur_axes: tuple[int, ...] | None = None,
         seed: int | None = 0,
     ) -> None:
         for name, (low, high) in {
@@ -99,6 +105,9 @@ class StrongIntensityAug(Transform):
         self.noise_std, self.blur_sigma = noise_std, blur_sigma
         self.prob_brightness, self.prob_contrast, self.prob_gamma = prob_brightness, prob_contrast, prob_gamma
         self.prob_noise, self.prob_blur_sample, self.prob_blur_channel = prob_noise, prob_blur_sample, prob_blur_channel
+        if blur_axes is not None and any(a >= 0 for a in blur_axes):
+            raise ValueError(f"blur_axes must be negative axes of the batch, e.g. (-3, -2), got {blur_axes}")
+        self.blur_axes = None if blur_axes is None else tuple(blur_axes)
         self._generators: dict[torch.device, torch.Generator] = {}
         self.set_random_state(seed)
 
@@ -175,12 +184,15 @@ class StrongIntensityAug(Transform):
         sample = self._chance((b, 1), self.prob_blur_sample, x)
         channel = self._chance((b, c), self.prob_blur_channel, x)
         sigma = self._uniform((b, c), *self.blur_sigma, x) * (sample & channel)
-        radius = max(1, math.ceil(4 * self.blur_sigma[1]))
-        kernels = _gaussian_kernels(sigma.reshape(-1), radius)  # (B*C, K)
         out = x.reshape(1, b * c, *x.shape[2:])
         n_spatial = x.ndim - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[n_spatial - 1]
-        for axis in range(n_spatial):
+        axes = range(n_spatial) if self.blur_axes is None else sorted({n_spatial + a for a in self.blur_axes})
+        for axis in axes:
+            radius = min(max(1, math.ceil(4 * self.blur_sigma[1])), x.shape[2 + axis] - 1)  # reflect pads < side
+            if radius < 1:
+                continue
+            kernels = _gaussian_kernels(sigma.reshape(-1), radius)  # (B*C, K)
             shape = [b * c, 1] + [1] * n_spatial
             shape[2 + axis] = kernels.shape[1]
             pad = [0, 0] * n_spatial

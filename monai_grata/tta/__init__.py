@@ -25,10 +25,12 @@ from .dltta import DLTTA, symmetric_kl
 from .domainadaptor import DomainAdaptor, generalized_entropy_loss
 from .dua import DUA, dua_copies
 from .features import FeatureTap
+from .frozen_statistics import frozen_statistics, normalisation_statistics
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
 from .medbn import MedBN
 from .norm import BatchNormStatistics, SelectedBatchNormStatistics
+from .patches import PatchAdaptation, patch_positions, sample_patches
 from .presets import PRESETS, resolve_method
 from .sar import SAR, pixel_entropy
 from .tent import Tent
@@ -44,8 +46,13 @@ __all__ = [
     "DomainAdaptor",
     "FeatureTap",
     "MedBN",
+    "PatchAdaptation",
     "SAR",
     "dua_copies",
+    "frozen_statistics",
+    "normalisation_statistics",
+    "patch_positions",
+    "sample_patches",
     "generalized_entropy_loss",
     "median_batch_norm",
     "pixel_entropy",

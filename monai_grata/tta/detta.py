@@ -182,7 +182,10 @@ class DeTTA(TTAdapter):
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         masked, mask = blind_spot(x, self.mask_ratio, self.window, self._random(x.device))
         features = tap_features(self.model, masked, self.denoiser.layer, self.denoiser.tap)
-        loss = denoising_loss(self.denoiser(features), x, mask)
+        denoised = self.denoiser(features)
+        if denoised.ndim < x.ndim and hasattr(self.model, "as_volumes"):  # a 2D network run slice by slice
+            denoised = self.model.as_volumes(denoised)
+        loss = denoising_loss(denoised, x, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

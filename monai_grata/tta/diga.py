@@ -126,7 +126,8 @@ class DIGA(TTAdapter):
     def _features(self, logits: torch.Tensor) -> torch.Tensor:
         features = self.tap.features
         if features.shape[2:] != logits.shape[2:]:
-            features = F.interpolate(features, size=logits.shape[2:], mode="bilinear", align_corners=False)
+            mode = "trilinear" if features.ndim == 5 else "bilinear"
+            features = F.interpolate(features, size=logits.shape[2:], mode=mode, align_corners=False)
         return features.detach()
 
     def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:

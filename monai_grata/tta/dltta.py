@@ -36,7 +36,7 @@ class DLTTA(TTAdapter):
 
     - the bank keeps the last ``memory_size`` (20) pairs (feature key, prediction logits) of past images, each pushed
       after its update (a no-grad forward of the adapted model); the key is the feature map (the input of the last
-      convolution, :class:`~monai_grata.tta.FeatureTap`) average-pooled to ``key_size`` x ``key_size``;
+      convolution, :class:`~monai_grata.tta.FeatureTap`) average-pooled to ``key_size`` per side (2D and 3D);
     - with more than ``k`` (8) entries: the ``k`` most cosine-similar keys are retrieved, their logits averaged with
       weights softmax(cos / 0.2), and the discrepancy D = symmetric KL between the probabilities of that average and
       of the current logits / ``temperature`` (4), summed over classes and averaged over pixels;
@@ -92,7 +92,8 @@ class DLTTA(TTAdapter):
 
     def _key(self) -> torch.Tensor:
         features = self.tap.features.detach()
-        pooled = F.adaptive_avg_pool2d(features, self.key_size) if features.ndim == 4 else features
+        pool = {4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}.get(features.ndim)
+        pooled = pool(features, self.key_size) if pool is not None else features
         return pooled.flatten(1)
 
     @torch.no_grad()

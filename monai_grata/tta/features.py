@@ -13,7 +13,8 @@ class FeatureTap:
     """Keeps the input of one layer of ``model`` from the model's latest forward.
 
     By default the layer is the last convolution (in ``model.modules()`` order): in a segmentation network such as
-    MONAI's ``FlexibleUNet`` that is the head, whose input is the decoder's per-pixel feature map.
+    MONAI's ``FlexibleUNet`` that is the head, whose input is the decoder's per-pixel feature map. For a 2D network
+    run slice by slice (:class:`~monai_grata.networks.slicewise.SliceWise`) the slices are stacked back into volumes.
 
     Args:
         model: the network.
@@ -33,11 +34,19 @@ class FeatureTap:
         if layer not in modules:
             raise ValueError(f"{type(model).__name__} has no layer {layer!r}")
         self.layer = layer
-        self.features: torch.Tensor | None = None
+        self._as_volumes = getattr(model, "as_volumes", None)  # a 2D network run slice by slice (SliceWise)
+        self._features: torch.Tensor | None = None
         self._handle = modules[layer].register_forward_pre_hook(self._keep)
 
+    @property
+    def features(self) -> torch.Tensor | None:
+        """The layer's input in the latest forward (for a network run slice by slice, stacked back into volumes)."""
+        if self._features is None or self._as_volumes is None:
+            return self._features
+        return self._as_volumes(self._features)
+
     def _keep(self, module: nn.Module, args: tuple) -> None:
-        self.features = args[0]
+        self._features = args[0]
 
     def remove(self) -> None:
         """Stop reading the layer's input."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from monai_grata.transforms import WEAK_VIEWS, StrongIntensityAug, WeakViews
+from monai_grata.transforms import WEAK_VIEWS, WEAK_VIEWS_3D, StrongIntensityAug, WeakViews
 
 from .base import TTAdapter, register_adapter
 from .batchnorm import per_group_batch_norm
@@ -59,7 +59,9 @@ class GraTa(TTAdapter):
             :class:`~monai_grata.transforms.StrongIntensityAug` seeded with ``seed``.
         episodic: reset to the source weights before every batch (default: continual).
         multilabel: sigmoid multi-label outputs (fundus) or softmax multi-class outputs (False).
-        views: the weak views, as :class:`~monai_grata.transforms.WeakViews` takes them.
+        views: the weak views, as :class:`~monai_grata.transforms.WeakViews` takes them; ``None``: GraTa's six
+            views for images (B, C, H, W), :data:`~monai_grata.transforms.WEAK_VIEWS_3D` for volumes
+            (B, C, H, W, D): flips along each axis and quarter turns in the axial plane (H, W).
         seed: seed of the default strong augmentation.
         batch_views: forward the weak views as one batch with per-view BatchNorm statistics (True) or one
             view at a time (False; same result, slower, for comparison).
@@ -88,7 +90,7 @@ class GraTa(TTAdapter):
         strong_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         episodic: bool = False,
         multilabel: bool = True,
-        views: Sequence = WEAK_VIEWS,
+        views: Sequence | None = None,
         seed: int = 0,
         batch_views: bool = True,
         bn_prior: float = 0.0,
@@ -115,7 +117,12 @@ class GraTa(TTAdapter):
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
         super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
-        self.views = WeakViews(views)
+        self.views = WeakViews(WEAK_VIEWS if views is None else views)
+        self.views_3d = WeakViews(WEAK_VIEWS_3D if views is None else views)
+
+    def weak_views(self, x: torch.Tensor) -> WeakViews:
+        """The weak views of ``x``: :attr:`views` for images, :attr:`views_3d` for volumes (B, C, H, W, D)."""
+        return self.views_3d if x.ndim == 5 else self.views
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         # One Adam for every device, its lr set as a float before each step. A capturable Adam would keep the
@@ -127,13 +134,15 @@ class GraTa(TTAdapter):
     @record_function("grata/teacher")
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
         """Mean probability of the weak views of ``x``, mapped back to the original frame."""
-        stacked = self.views(x)
+        views = self.weak_views(x)
+        stacked = views(x)
         if self.batch_views:
-            with per_group_batch_norm(self.model, self.views.num_views):
+            with per_group_batch_norm(self.model, views.num_views):
                 logits = self.model(stacked)
         else:
-            logits = torch.cat([self.model(view) for view in stacked.chunk(self.views.num_views)])
-        return probabilities(self.views.inverse(logits), self.multilabel).mean(dim=0)
+            logits = torch.cat([self.model(view) for view in stacked.chunk(views.num_views)])
+        # the activation before the inverse: inverse() stacks views first, so dim 1 is no longer the channels
+        return views.inverse(probabilities(logits, self.multilabel)).mean(dim=0)
 
     def loss(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The named unsupervised loss of ``x`` at the current weights."""

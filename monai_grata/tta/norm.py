@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from monai_grata.transforms import WeakViews
+from monai_grata.transforms import WEAK_VIEWS_3D, WeakViews
 
 from .base import TTAdapter, register_adapter
 from .batchnorm import per_group_batch_norm, set_prior_strength
@@ -47,8 +47,8 @@ class SelectedBatchNormStatistics(TTAdapter):
     Costs one forward per candidate plus the prediction.
 
     With ``criterion="consistency"`` the candidate whose weak views (GraTa's flips and rotations, each with its
-    own statistics, mapped back) agree best is chosen instead: the mean over pixels of the variance of the views'
-    probabilities; six forwards per candidate.
+    own statistics, mapped back; for volumes :data:`~monai_grata.transforms.WEAK_VIEWS_3D`) agree best is chosen
+    instead: the mean over pixels of the variance of the views' probabilities; one forward per view and candidate.
 
     After each call ``last_stats`` holds ``prior`` (the chosen N) and ``loss_aux`` (its criterion value).
 
@@ -74,16 +74,17 @@ class SelectedBatchNormStatistics(TTAdapter):
         if criterion not in ("entropy", "consistency"):
             raise ValueError(f"criterion must be 'entropy' or 'consistency', got {criterion!r}")
         self.priors, self.criterion, self.multilabel = priors, criterion, multilabel
-        self.views = WeakViews()
+        self.views, self.views_3d = WeakViews(), WeakViews(WEAK_VIEWS_3D)
         super().__init__(model, episodic=episodic, bn_prior=math.inf)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """The criterion of the current prior on ``x`` (lower is better)."""
         if self.criterion == "entropy":
             return entropy_loss(self.model(x), self.multilabel)
-        with per_group_batch_norm(self.model, self.views.num_views):
-            logits = self.model(self.views(x))
-        return probabilities(self.views.inverse(logits), self.multilabel).var(dim=0, correction=0).mean()
+        views = self.views_3d if x.ndim == 5 else self.views
+        with per_group_batch_norm(self.model, views.num_views):
+            logits = self.model(views(x))
+        return views.inverse(probabilities(logits, self.multilabel)).var(dim=0, correction=0).mean()
 
     @torch.no_grad()
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
