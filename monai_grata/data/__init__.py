@@ -8,6 +8,7 @@ from .checks import (
 )
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
+from .volumes import volume_preprocessing
 
 __all__ = [
     "BAD_INPUT_CHOICES",
@@ -23,4 +24,5 @@ __all__ = [
     "report_bad_input_briefly",
     "split_train_val",
     "target_datalist",
+    "volume_preprocessing",
 ]

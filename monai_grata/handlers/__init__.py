@@ -4,6 +4,7 @@ from .mlflow_resume import ResumableMLFlowHandler
 from .mlflow_run import MLFlowRunHandler
 from .stream_report import StreamReport
 from .summary import RunSummary
+from .surface_distance import PhysicalSurfaceDistance, voxel_spacing
 from .tta import GraTaHandler, TTAHandler, tta_output_transform
 
 __all__ = [
@@ -12,10 +13,12 @@ __all__ = [
     "HarmonizationReport",
     "MLFlowRunHandler",
     "MetricsReport",
+    "PhysicalSurfaceDistance",
     "ResumableMLFlowHandler",
     "RunSummary",
     "StreamReport",
     "TTAHandler",
     "harmonization_output_transform",
     "tta_output_transform",
+    "voxel_spacing",
 ]

@@ -13,7 +13,7 @@ from .metrics_report import MetricsReport
 __all__ = ["RunSummary"]
 
 OUTPUTS = {
-    "masks": "masks/ (label maps: 0 background, 1 disc rim, 2 cup)",
+    "masks": "masks/ (label maps: {legend})",
     "overlays": "overlays/ (masks drawn over the images)",
     "metrics.json": "metrics.json",
     "per_image.csv": "per_image.csv",
@@ -24,7 +24,7 @@ OUTPUTS = {
 
 class RunSummary:
     """Print a short summary when the evaluator completes: the method, the number of images and domains,
-    Dice (mean of disc and cup) of the unadapted and the adapted model per domain and overall, the files
+    Dice (mean over the structures) of the unadapted and the adapted model per domain and overall, the files
     written, how to open the MLflow run, and the inputs left out.
 
     Args:
@@ -36,6 +36,8 @@ class RunSummary:
         tracking_uri: the MLflow tracking URI of the run.
         skipped: the inputs left out (``[{"image", "reason"}, ...]``).
         stream: where to print (default ``sys.stdout``).
+        structures: the names of the segmented structures, for the Dice line (default: the fundus's).
+        mask_legend: what the values of the written label maps mean.
     """
 
     def __init__(
@@ -48,10 +50,13 @@ class RunSummary:
         tracking_uri: str | None = None,
         skipped: Sequence[dict] = (),
         stream=None,
+        structures: Sequence[str] = ("disc", "cup"),
+        mask_legend: str = "0 background, 1 disc rim, 2 cup",
     ) -> None:
         self.output_dir, self.method, self.source = output_dir, method, source
         self.report, self.reference, self.tracking_uri = report, reference, tracking_uri
         self.skipped, self.stream = list(skipped), stream
+        self.structures, self.mask_legend = tuple(structures), mask_legend
         self.n_images, self.domains = 0, []
 
     def attach(self, engine: Engine) -> None:
@@ -61,7 +66,8 @@ class RunSummary:
         if self.report is None or not self.report.summary:
             return ["No labels: no Dice (the masks are the result)."]
         columns = (["No Adapt"] if self.reference is not None and self.reference.summary else []) + [self.method]
-        lines = [f"  {'Dice (disc, cup mean)':<24}" + "".join(f"{c:>10}" for c in columns)]
+        title = f"Dice ({', '.join(self.structures)} mean)"
+        lines = [f"  {title:<24}" + "".join(f"{c:>10}" for c in columns)]
         domains = self.domains if len(self.domains) > 1 else []
         for name, key in [(d, f"{d}/dice_mean") for d in domains] + [("all", "dice_mean")]:
             values = [r.summary.get(key) for r in ([self.reference] if len(columns) == 2 else []) + [self.report]]
@@ -75,10 +81,16 @@ class RunSummary:
         domains = f" in {len(self.domains)} domain{'s' if len(self.domains) != 1 else ''}" if self.domains else ""
         lines = ["", f"Done: {source}{what}, {self.n_images} images{domains}."]
         lines += self._dice_rows()
-        written = [text for name, text in OUTPUTS.items() if os.path.exists(os.path.join(self.output_dir, name))]
+        written = [
+            text.format(legend=self.mask_legend)
+            for name, text in OUTPUTS.items()
+            if os.path.exists(os.path.join(self.output_dir, name))
+        ]
         lines.append(f"Outputs in {self.output_dir}: " + ", ".join(written))
         if self.tracking_uri:
-            lines.append(f"MLflow: mlflow ui --backend-store-uri {self.tracking_uri}  (then open http://127.0.0.1:5000)")
+            lines.append(
+                f"MLflow: mlflow ui --backend-store-uri {self.tracking_uri}  (then open http://127.0.0.1:5000)"
+            )
             lines.append(f"        python -m monai_grata.utils.compare_runs {self.output_dir}")
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} bad input(s) (listed in metrics.json when there are labels):")

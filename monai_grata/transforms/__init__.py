@@ -1,7 +1,7 @@
 from .channels import EnsureImageChannels, EnsureImageChannelsd
 from .intensity import StrongIntensityAug, StrongIntensityAugd
 from .io import NIFTI_SUFFIXES, SaveMaskd, SaveOverlayd, is_nifti
-from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd
+from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd, LabelFromMasksd
 from .views import IN_PLANE_3D, WEAK_VIEWS, WEAK_VIEWS_3D, WeakViews, WeakViewsd, weak_views
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "EnsureImageChannelsd",
     "LabelFromDiscCup",
     "LabelFromDiscCupd",
+    "LabelFromMasksd",
     "SaveMaskd",
     "SaveOverlayd",
     "StrongIntensityAug",

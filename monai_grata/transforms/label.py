@@ -1,4 +1,4 @@
-"""Fundus label maps to nested optic disc / optic cup channels."""
+"""Label maps of two nested structures (optic disc ⊃ cup, spinal cord ⊃ gray matter) and their binary channels."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-__all__ = ["DiscCupFromLabel", "DiscCupFromLabeld", "LabelFromDiscCup", "LabelFromDiscCupd"]
+__all__ = ["DiscCupFromLabel", "DiscCupFromLabeld", "LabelFromDiscCup", "LabelFromDiscCupd", "LabelFromMasksd"]
 
 
 def _source_name(img: torch.Tensor) -> str:
@@ -124,4 +124,39 @@ class LabelFromDiscCupd(MapTransform):
         d = dict(data)
         for key, out_key in self.key_iterator(d, self.output_keys):
             d[out_key] = self.converter(d[key])
+        return d
+
+
+class LabelFromMasksd(MapTransform):
+    """Two nested binary masks stored as separate files (e.g. spinal cord and gray matter) to one label map:
+    0 background, 1 outer structure only (cord minus gray matter: white matter), 2 inner structure (gray matter),
+    the layout :class:`LabelFromDiscCup` writes. The mask entries are removed; an item without them is left as it
+    is (e.g. one that already has a label map).
+
+    Args:
+        keys: the (outer, inner) mask keys, each (1, *spatial) with values 0/1.
+        label_key: where to write the (1, *spatial) uint8 label map (with the outer mask's metadata).
+    """
+
+    def __init__(self, keys: KeysCollection = ("label_cord", "label_gm"), label_key: str = "label") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        if len(self.keys) != 2:
+            raise ValueError(f"expected two mask keys (outer, inner), got {self.keys}")
+        self.label_key = label_key
+        self.converter = LabelFromDiscCup()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        present = [k for k in self.keys if k in d]
+        if not present:
+            return d
+        if len(present) == 1:
+            raise ValueError(f"mask {present[0]!r} without its pair: an item needs both {list(self.keys)}")
+        outer, inner = (d.pop(k) for k in self.keys)
+        if outer.shape != inner.shape:
+            raise ValueError(f"masks {list(self.keys)} differ in shape: {tuple(outer.shape)} vs {tuple(inner.shape)}")
+        label = self.converter(torch.cat([outer, inner]).float())
+        d[self.label_key] = convert_to_tensor(label, track_meta=True)
+        if hasattr(outer, "meta"):
+            d[self.label_key].meta = dict(outer.meta)
         return d
