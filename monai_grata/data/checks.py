@@ -52,7 +52,7 @@ def check_loader(loader: DataLoader, what: str, option: str = "--batch_size") ->
     """
     if len(loader) > 0:
         return loader
-    n, batch_size = len(loader.dataset), loader.batch_size
+    n, batch_size = len(loader.sampler), loader.batch_size  # a DistributedSampler: this rank's share
     if n == 0:
         raise BadInputError(f"no images in {what}: add images or point --dataset_dir/--datalist at them")
     raise BadInputError(

@@ -1,4 +1,4 @@
 from .uda_trainer import UDATrainer
-from .utils import ChannelsLastPrepareBatch, channel_output
+from .utils import ChannelsLastPrepareBatch, average_gradients, channel_output, mean_over_ranks
 
-__all__ = ["ChannelsLastPrepareBatch", "UDATrainer", "channel_output"]
+__all__ = ["ChannelsLastPrepareBatch", "UDATrainer", "average_gradients", "channel_output", "mean_over_ranks"]

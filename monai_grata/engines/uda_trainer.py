@@ -3,6 +3,8 @@ and the two losses combined with gradient harmonization."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -14,11 +16,18 @@ from torch import nn
 
 from monai_grata.losses import AdversarialAlignmentLoss, GradientHarmonizedLoss, discriminator_loss
 
+from .utils import average_gradients, mean_over_ranks
+
 __all__ = ["UDATrainer"]
 
 
 def _cycle(loader: Iterable) -> Iterator:
-    while True:
+    """Pass over ``loader`` again and again; a ``DistributedSampler`` is told the pass, so that it shuffles anew
+    (the trainer does this for the source loader once per epoch)."""
+    for n in itertools.count():
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(n)
         yield from loader
 
 
@@ -34,6 +43,12 @@ class UDATrainer(SupervisedTrainer):
     after the network (``discriminator_optimizer`` is then required). The iteration output holds, besides
     image/label/pred/loss: ``loss_align``, ``loss_seg``, ``loss_disc`` (adversarial only) and the harmonization
     statistics ``tau1``, ``tau2``, ``cos``, ``dot`` and ``conflict`` as floats-to-be (0-dim tensors).
+
+    Distributed (``network`` a ``DistributedDataParallel``, ``configs/multi_gpu_train_uda.json``): the forwards
+    run under ``no_sync()`` because the two gradients are taken with ``autograd.grad``, which DDP does not
+    all-reduce; the harmonizer averages g1 and g2 over the ranks instead, so the taus, cos, dot and conflict are
+    those of the global batch and the same on every rank, as is the update. The logged losses are averaged over
+    the ranks, and so are the discriminator's gradients.
 
     Args:
         target_data_loader: batches of target images (labels, if any, are ignored); cycled for as long as needed.
@@ -79,8 +94,10 @@ class UDATrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
 
-        source_logits = engine.inferer(inputs, engine.network)
-        target_logits = engine.inferer(target_images, engine.network)
+        no_sync = getattr(engine.network, "no_sync", contextlib.nullcontext)  # the harmonizer all-reduces
+        with no_sync():
+            source_logits = engine.inferer(inputs, engine.network)
+            target_logits = engine.inferer(target_images, engine.network)
         engine.state.output[Keys.PRED] = source_logits
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss_seg = engine.loss_function(source_logits, targets).mean()
@@ -91,13 +108,18 @@ class UDATrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
 
-        stats = {"loss_align": loss_align.detach(), "loss_seg": loss_seg.detach(), **engine.harmonizer.last_stats}
+        losses = {
+            Keys.LOSS: engine.state.output[Keys.LOSS],
+            "loss_align": loss_align.detach(),
+            "loss_seg": loss_seg.detach(),
+        }
         if engine.discriminator_optimizer is not None:
             engine.discriminator_optimizer.zero_grad(set_to_none=True)
             loss_disc = discriminator_loss(engine.alignment_loss, source_logits, target_logits)
             loss_disc.backward()
+            average_gradients(engine.alignment_loss.parameters())
             engine.discriminator_optimizer.step()
-            stats["loss_disc"] = loss_disc.detach()
-        engine.state.output.update(stats)
+            losses["loss_disc"] = loss_disc.detach()
+        engine.state.output.update({**mean_over_ranks(losses), **engine.harmonizer.last_stats})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -32,6 +33,8 @@ class HarmonizationReport:
     """Collect ⟨g1, g2⟩ of every iteration; at the end write a histogram PNG (the GH paper's Fig. 2) and a JSON
     summary (iterations, conflicting fraction) to ``output_dir``. It has ``state_dict``/``load_state_dict``, so
     putting it into a ``CheckpointSaver``/``CheckpointLoader`` dict keeps the whole history of a resumed run.
+    Distributed, the inner products are those of the rank-averaged gradients (the same on every rank), and only
+    rank 0 writes the files.
 
     Args:
         output_dir: where to write.
@@ -70,6 +73,8 @@ class HarmonizationReport:
         }
 
     def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() > 0:
+            return
         os.makedirs(self.output_dir, exist_ok=True)
         summary = self.summary()
         with atomic_write(os.path.join(self.output_dir, self.json_name)) as f:

@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -43,6 +44,10 @@ class MetricsReport:
     into ``engine.state.metrics`` so that ``MLFlowHandler``/``StatsHandler`` attached after it log it.
     Inputs left out before the run (see :func:`monai_grata.data.check_inputs`) are listed in the JSON as
     ``skipped`` (``[{"image", "reason"}, ...]``) and counted as ``n_skipped``.
+
+    Distributed (each rank evaluating its ``DistributedSampler`` share): MONAI's metric handlers gather the
+    per-image details of all ranks, rank after rank; the report gathers the file names in the same order, so the
+    summary covers every image on every rank, and only rank 0 writes the files. Attach it on every rank.
 
     Args:
         output_dir: the folder to write into (created if missing).
@@ -116,7 +121,14 @@ class MetricsReport:
         summary["n_images"] = int(rows.numel())
         return summary
 
+    def _gather(self) -> None:
+        """The names and groups of every rank, rank after rank (the order of MONAI's gathered details)."""
+        if idist.get_world_size() > 1:
+            self.filenames = [name for part in idist.all_gather(self.filenames) for name in part]
+            self.groups = [group for part in idist.all_gather(self.groups) for group in part]
+
     def __call__(self, engine: Engine) -> None:
+        self._gather()
         self.per_image = {"dice": self._details(engine, self.dice_name)}
         if self.assd_name is not None:
             self.per_image["assd"] = self._details(engine, self.assd_name)
@@ -130,7 +142,8 @@ class MetricsReport:
         if self.skipped:
             summary["n_skipped"] = len(self.skipped)
         self.summary = summary
-        self._write()
+        if idist.get_rank() == 0:
+            self._write()
         engine.state.metrics.update({k: v for k, v in summary.items() if math.isfinite(v)})
         if self.assd_name in engine.state.metrics and "assd_mean" in summary:
             engine.state.metrics[self.assd_name] = summary["assd_mean"]
