@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 
 __all__ = ["TIMEOUT", "launched_world_size", "process_group", "rank_device", "shard"]
 
@@ -65,7 +66,12 @@ def process_group(device: str) -> Iterator[torch.device]:
     if world_size < 2:
         yield dev
         return
-    idist.initialize("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # not idist.initialize: it would set the GPU of the local rank even for CPU processes (and fail on a machine
+    # with fewer GPUs than processes); ignite's own set-up is collective, so every rank does it here
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+    idist.sync()
     try:
         yield dev
     finally:
