@@ -58,8 +58,9 @@ def train_two_iterations(local_rank: int, out_dir: str) -> None:
         json.dump({"logged": logged, "params": params}, f)
 
 
-def test_uda_trainer_on_two_ranks_keeps_them_in_step_and_logs_global_statistics(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_uda_trainer_on_two_ranks_keeps_them_in_step_and_logs_global_statistics(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU ranks: ignite would give rank r the GPU r, if there is one
     with idist.Parallel(backend="gloo", nproc_per_node=2, master_port=free_port()) as parallel:
         parallel.run(train_two_iterations, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
