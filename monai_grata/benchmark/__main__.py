@@ -11,6 +11,10 @@ its predictions are scored (Dice and ASSD of optic disc and cup) and the cell is
 (e.g. ``grata:beta=0.001,bn_prior=16``). Methods without randomness run once, with the first seed. Finished cells
 found in the store are skipped, so an interrupted benchmark resumes. At the end ``table.md``, ``table.csv`` and
 ``table.png`` (Table 1 of the paper: methods × pairs, mean ± std over seeds) are written and attached to the store.
+
+Under ``torchrun --nproc_per_node N -m monai_grata.benchmark ...`` the cells still to run are dealt over the N
+processes (one GPU each with ``--device cuda``, or CPU processes); with a SQLite store each rank logs into
+``OUTPUT_DIR/mlflow_rank<r>.db`` and rank 0 merges them into the store before writing the table.
 """
 
 from __future__ import annotations
