@@ -5,6 +5,7 @@ import os
 import socket
 
 import ignite.distributed as idist
+import pytest
 import torch
 from ignite.engine import Events
 from monai.losses import DiceFocalLoss
@@ -58,6 +59,7 @@ def train_two_iterations(local_rank: int, out_dir: str) -> None:
         json.dump({"logged": logged, "params": params}, f)
 
 
+@pytest.mark.slow  # two processes: ~15 s idle, ~50 s on a loaded 2-core machine
 def test_uda_trainer_on_two_ranks_keeps_them_in_step_and_logs_global_statistics(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU ranks: ignite would give rank r the GPU r, if there is one
