@@ -1,0 +1,178 @@
+"""The tables and the figure of docs/results_spinalcord.md: the spinal-cord bundle's source models (one per training
+seed) adapted to the held-out sites' volumes by each method, per volume.
+
+    python scripts/spinalcord_results.py --dataset_dir ../shared/data/spinalcord --out outputs/spinalcord_results
+
+Each cell is one `python -m monai.bundle run --config_file bundles/spinalcord_gm/configs/inference.json` (No Adapt
+and the method on the same volumes; its outputs are kept under --out and reused when its metrics.json exists). The
+source models are `--models DIR/train_spinalcord_seed<S>/source.pt`, written by train.json with `--seed S`. The
+figure runs evaluate.json (No Adapt) and inference.json (GraTa) of the first seed's model on every site's volumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import os
+import statistics
+
+import nibabel as nib
+import numpy as np
+
+from monai_grata.utils import run_bundle_once
+
+CONFIGS = "bundles/spinalcord_gm/configs"
+HELD_OUT = ("philips", "milan", "ceitec")
+SOURCES = ("ucl", "nwu", "juntendo")
+
+
+def read_rows(path: str) -> dict[str, dict[str, float]]:
+    """``{volume name: {column: value}}`` of a per-image CSV written by MetricsReport."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    name = lambda r: os.path.basename(r["filename"]).replace("_T2starw.nii.gz", "")  # noqa: E731
+    return {name(r): {k: float(v) for k, v in r.items() if k not in ("filename", "group")} for r in rows}
+
+
+def run_cells(args: argparse.Namespace) -> dict[tuple[int, str], str]:
+    """Run (or reuse) every (seed, method) cell; return their output folders."""
+    cells = {}
+    for seed in args.seeds:
+        ckpt = os.path.join(args.models, f"train_spinalcord_seed{seed}", "source.pt")
+        methods = args.methods + (args.extra_methods if seed == args.seeds[0] else [])
+        for method in methods:
+            out = os.path.join(args.out, f"seed{seed}", method)
+            run_bundle_once(
+                f"{CONFIGS}/inference.json", out, dataset_dir=args.dataset_dir, ckpt_path=ckpt, method=method,
+                device=args.device,
+            )  # fmt: skip
+            cells[seed, method] = out
+    return cells
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def per_volume_table(cells: dict[tuple[int, str], str], methods: list[str], seeds: list[int]) -> str:
+    """Markdown: one row per held-out volume and metric, one column per method (mean ± std over seeds)."""
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for (seed, method), out in cells.items():
+        if seed not in seeds or method not in methods:
+            continue
+        runs = {"No Adapt": read_rows(os.path.join(out, "no_adapt_per_image.csv")), method: read_rows(
+            os.path.join(out, "per_image.csv"))}  # fmt: skip
+        for column, rows in runs.items():
+            if column == "No Adapt" and method != methods[0]:
+                continue  # the same No Adapt in every cell of a seed: count it once
+            for volume, row in rows.items():
+                for metric in ("dice_gm", "dice_cord", "assd_gm", "assd_cord"):
+                    values.setdefault((volume, metric, column), []).append(row[metric])
+    columns = ["No Adapt", *methods]
+    volumes = sorted({v for v, _, _ in values})
+    lines = ["| volume | metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for metric in ("dice_gm", "dice_cord", "assd_gm", "assd_cord"):
+        for volume in volumes + ["mean"]:
+            row = []
+            for column in columns:
+                if volume == "mean":  # per seed the mean over volumes, then mean ± std over seeds
+                    per_seed = [
+                        statistics.mean(values[(v, metric, column)][i] for v in volumes)
+                        for i in range(len(values[(volumes[0], metric, column)]))
+                    ]
+                    row.append(cell(per_seed))
+                else:
+                    row.append(cell(values[(volume, metric, column)]))
+            lines.append(f"| {volume} | {metric} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def wall_times(cells: dict[tuple[int, str], str]) -> str:
+    lines = ["| seed | method | wall time (s) |", "|---|---|---|"]
+    for (seed, method), out in sorted(cells.items()):
+        path = os.path.join(out, "wall_time.json")
+        if os.path.isfile(path):
+            import json
+
+            with open(path) as f:
+                lines.append(f"| {seed} | {method} | {json.load(f)['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def figure(args: argparse.Namespace, path: str) -> None:
+    """One slice per site (the slice with the most gray matter): image, label, No Adapt, GraTa."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    ckpt = os.path.join(args.models, f"train_spinalcord_seed{args.seeds[0]}", "source.pt")
+    no_adapt = os.path.join(args.out, "figure", "no_adapt")
+    adapted = os.path.join(args.out, "figure", "grata")
+    run_bundle_once(f"{CONFIGS}/evaluate.json", no_adapt, dataset_dir=args.dataset_dir, ckpt_path=ckpt,
+                    device=args.device)  # fmt: skip
+    run_bundle_once(f"{CONFIGS}/inference.json", adapted, dataset_dir=args.dataset_dir, ckpt_path=ckpt,
+                    method="grata", sources="[]", source="+".join(SOURCES), device=args.device)  # fmt: skip
+    sites = SOURCES + HELD_OUT
+    colours = ListedColormap([(0, 0, 0, 0), (0.1, 0.8, 0.2, 0.55), (0.2, 0.4, 1.0, 0.8)])
+    fig, axes = plt.subplots(len(sites), 4, figsize=(8, 2.1 * len(sites)))
+    for row, site in zip(axes, sites, strict=True):
+        image_path = sorted(glob.glob(os.path.join(args.dataset_dir, site, "images", "*.nii.gz")))[0]
+        stem = os.path.basename(image_path).replace("_T2starw.nii.gz", "")
+        image = np.asarray(nib.load(image_path).dataobj, dtype=np.float32)
+        cord = np.asarray(nib.load(os.path.join(args.dataset_dir, site, "labels", f"{stem}_cord.nii.gz")).dataobj)
+        gm = np.asarray(nib.load(os.path.join(args.dataset_dir, site, "labels", f"{stem}_gm.nii.gz")).dataobj)
+        label = (cord > 0).astype(np.uint8) + (gm > 0)
+        z = int(np.argmax((gm > 0).sum(axis=(0, 1))))
+        cx, cy = np.argwhere(cord[..., z] > 0).mean(axis=0).astype(int)
+        half = int(round(12 / nib.load(image_path).header.get_zooms()[0]))  # 24 mm around the cord
+        window = (slice(max(cx - half, 0), cx + half), slice(max(cy - half, 0), cy + half), z)
+        masks = [label]
+        for folder in (no_adapt, adapted):
+            masks.append(np.asarray(nib.load(os.path.join(folder, "masks", f"{stem}_T2starw_mask.nii.gz")).dataobj))
+        shown = image[window]
+        low, high = np.percentile(shown, (1, 99))
+        for ax, mask, title in zip(row, [None, *masks], ["image", "label", "No Adapt", "GraTa"], strict=True):
+            ax.imshow(shown.T, cmap="gray", vmin=low, vmax=high, origin="lower")
+            if mask is not None:
+                ax.imshow(mask[window].T, cmap=colours, vmin=0, vmax=2, origin="lower", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if site == sites[0]:
+                ax.set_title(title)
+        kind = "source" if site in SOURCES else "held out"
+        row[0].set_ylabel(f"{site}\n({kind}, z={z})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", default="../shared/data/spinalcord")
+    parser.add_argument("--models", default="outputs")
+    parser.add_argument("--out", default="outputs/spinalcord_results")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["norm", "tent", "grata"])
+    parser.add_argument("--extra_methods", nargs="*", default=[], help="run for the first seed only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--figure", default="docs/images/spinalcord_slices.png")
+    args = parser.parse_args()
+    cells = run_cells(args)
+    print("## all seeds\n")
+    print(per_volume_table(cells, args.methods, args.seeds))
+    if args.extra_methods:
+        print(f"\n## seed {args.seeds[0]}, every method\n")
+        print(per_volume_table(cells, args.methods + args.extra_methods, args.seeds[:1]))
+    print("\n## wall times\n")
+    print(wall_times(cells))
+    if args.figure:
+        figure(args, args.figure)
+        print(f"\nfigure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
