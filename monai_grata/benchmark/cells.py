@@ -212,4 +212,3 @@ def run_cell(
     summary["n_skipped"] = getattr(adapter, "n_skipped", 0)
     summary["n_rolled_back"] = getattr(adapter, "n_rolled_back", 0)
     return summary, rows
-
