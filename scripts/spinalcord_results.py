@@ -28,10 +28,10 @@ SOURCES = ("ucl", "nwu", "juntendo")
 
 
 def read_rows(path: str) -> dict[str, dict[str, float]]:
-    """``{volume name: {column: value}}`` of a per-image CSV written by MetricsReport."""
+    """``{"site volume": {column: value}}`` of a per-image CSV written by MetricsReport."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    name = lambda r: os.path.basename(r["filename"]).replace("_T2starw.nii.gz", "")  # noqa: E731
+    name = lambda r: f"{r['group']} {os.path.basename(r['filename']).replace('_T2starw.nii.gz', '')}"  # noqa: E731
     return {name(r): {k: float(v) for k, v in r.items() if k not in ("filename", "group")} for r in rows}
 
 
