@@ -20,8 +20,8 @@ def quiet_console() -> None:
     undefined; ``metrics.json`` counts those images as ``n_assd_undefined``). The loggers in
     :data:`QUIET_LOGGERS` are set to ``WARNING``; warnings and errors still show.
 
-    Not silenced: MONAI's security notice that a bundle config runs code, which ``monai.bundle`` prints
-    before it reads the config (a deliberate notice, and out of reach of anything the config does).
+    MONAI's security notice that a bundle config runs code is printed before any config is read, out of reach
+    of this function: :mod:`monai_grata.utils.shipped_configs` leaves it out for the shipped bundles' configs.
     """
     warnings.filterwarnings("ignore", message=r".*get_mask_edges.*always_return_as_numpy", category=FutureWarning)
     undefined_assd = r"the (prediction|ground truth) of class \d+ is all 0"
