@@ -1,0 +1,95 @@
+"""Ctrl-C stops an engine run by ``run_interruptibly`` after the current iteration, even from a finalizer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+from ignite.engine import Engine, Events
+
+from monai_grata.engines import run_interruptibly
+
+
+class InterruptOnDelete:
+    """Sends SIGINT to this process from its finalizer, where Python drops a ``KeyboardInterrupt``."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # bytecode inside the finalizer: the signal is handled here
+
+
+def engine_interrupted_at(iteration: int, *, in_finalizer: bool) -> tuple[Engine, list[int], list[str]]:
+    """A 6-iteration engine that receives SIGINT during ``iteration``; records completed iterations and errors."""
+
+    def step(engine: Engine, batch: int) -> int:
+        if engine.state.iteration == iteration:
+            if in_finalizer:
+                InterruptOnDelete()
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(1000))
+        return batch
+
+    engine, completed, errors = Engine(step), [], []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: completed.append(e.state.iteration))
+    engine.add_event_handler(Events.EXCEPTION_RAISED, lambda e, error: errors.append(type(error).__name__))
+    return engine, completed, errors
+
+
+def test_plain_run_loses_an_interrupt_raised_in_a_finalizer():
+    """The failure this module fixes: Python prints the interrupt as "Exception ignored" and the run goes on."""
+    engine, completed, _ = engine_interrupted_at(2, in_finalizer=True)
+    engine.run(range(6))
+    assert completed == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("in_finalizer", [False, True])
+def test_interrupt_stops_after_the_current_iteration(in_finalizer):
+    engine, completed, errors = engine_interrupted_at(2, in_finalizer=in_finalizer)
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptibly(engine, range(6))
+    # iteration 2 finished with every handler (the check runs last), then EXCEPTION_RAISED handlers saw it
+    assert completed == [1, 2] and errors == ["KeyboardInterrupt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(engine._event_handlers[Events.ITERATION_COMPLETED]) == 1  # the check is removed again
+
+
+def test_second_interrupt_raises_at_once():
+    def step(engine: Engine, batch: int) -> int:
+        if engine.state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))
+            raise AssertionError("the second Ctrl-C did not interrupt the iteration")
+        return batch
+
+    engine = Engine(step)
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptibly(engine, range(6))
+    assert engine.state.iteration == 2
+
+
+def test_interrupt_after_the_last_iteration_still_stops_what_follows():
+    engine = Engine(lambda engine, batch: batch)
+    engine.add_event_handler(Events.COMPLETED, lambda _: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptibly(engine, range(3))
+    assert engine.state.iteration == 3
+
+
+def test_run_without_interrupt_returns_and_restores_the_handler():
+    engine = Engine(lambda engine, batch: batch)
+    state = run_interruptibly(engine, range(4), max_epochs=2)
+    assert state.iteration == 8 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(engine._event_handlers[Events.ITERATION_COMPLETED]) == 0
+
+
+def test_outside_the_main_thread_it_is_a_plain_run():
+    engine, result = Engine(lambda engine, batch: batch), {}
+    worker = threading.Thread(target=lambda: result.update(state=run_interruptibly(engine, range(3))))
+    worker.start()
+    worker.join()
+    assert result["state"].iteration == 3
