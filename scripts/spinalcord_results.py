@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import json
 import os
 import statistics
 
@@ -95,8 +96,6 @@ def wall_times(cells: dict[tuple[int, str], str]) -> str:
     for (seed, method), out in sorted(cells.items()):
         path = os.path.join(out, "wall_time.json")
         if os.path.isfile(path):
-            import json
-
             with open(path) as f:
                 lines.append(f"| {seed} | {method} | {json.load(f)['wall_s']:.0f} |")
     return "\n".join(lines)

@@ -53,6 +53,14 @@ def test_benchmark_end_to_end_resumes_and_compare_reads_back(tmp_path):
     for key, stats in summary["cells"].items():
         assert rebuilt["cells"][key]["dice_mean"] == pytest.approx(stats["dice_mean"], nan_ok=True)
     assert (tmp_path / "rebuilt" / "table.md").read_text() == (tmp_path / "table.md").read_text()
+    # two stores in one table, rows in the order asked for
+    other = tmp_path / "other"
+    norm = benchmark_main([*args[:-4], "--output_dir", str(other), "--device", "cpu", "--methods", "norm"])
+    both = compare_main([str(tmp_path), str(other), "--methods", "norm", "none"])
+    assert list(both["methods"]) == ["norm", "none"]
+    for method, alone in (("norm", norm), ("none", summary)):
+        key = (method, "refuge_train→drishti_gs")
+        assert both["cells"][key]["dice_mean"][0] == pytest.approx(alone["cells"][key]["dice_mean"][0])
 
 
 def test_summary_means_and_stds_over_seeds():

@@ -27,11 +27,11 @@ def config(name: str) -> str:
     return os.path.join(CONFIG_DIR, name)
 
 
-def run_config(name: str, **overrides) -> subprocess.CompletedProcess:
-    """``monai.bundle run`` of ``configs/name`` with ``--key value`` overrides (CPU unless overridden)."""
+def run_config(name: str, config_dir: str = CONFIG_DIR, **overrides) -> subprocess.CompletedProcess:
+    """``monai.bundle run`` of ``config_dir/name`` with ``--key value`` overrides (CPU unless overridden)."""
     overrides.setdefault("device", "cpu")
     args = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
-    return bundle("run", "--config_file", config(name), *args)
+    return bundle("run", "--config_file", os.path.join(config_dir, name), *args)
 
 
 def assert_ok(run: subprocess.CompletedProcess) -> str:

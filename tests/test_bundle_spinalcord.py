@@ -10,6 +10,7 @@ import pytest
 
 from .conftest import REPO_ROOT
 from .test_bundle import assert_ok, bundle, mlflow_runs
+from .test_bundle import run_config as run_bundle_config
 
 pytestmark = pytest.mark.slow  # each test runs `python -m monai.bundle` in a subprocess
 
@@ -17,9 +18,7 @@ BUNDLE = os.path.join(REPO_ROOT, "bundles", "spinalcord_gm")
 
 
 def run_config(name: str, **overrides):
-    overrides.setdefault("device", "cpu")
-    args = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
-    return bundle("run", "--config_file", os.path.join(BUNDLE, "configs", name), *args)
+    return run_bundle_config(name, os.path.join(BUNDLE, "configs"), **overrides)
 
 
 def test_metadata_verifies_offline():

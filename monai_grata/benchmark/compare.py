@@ -2,6 +2,7 @@
 
     python -m monai_grata.benchmark.compare outputs/bench --output_dir outputs/bench_tables
     python -m monai_grata.benchmark.compare sqlite:///other/mlflow.db --filter "params.source = 'refuge_train'"
+    python -m monai_grata.benchmark.compare outputs/report outputs/report_steps   # the cells of both stores
 
 Every finished benchmark run of the experiment (narrowed by ``--filter``, MLflow's search syntax, and
 ``--methods``) becomes a cell; the table has the layout the benchmark writes: methods × source→target pairs, mean
@@ -49,14 +50,16 @@ def records_from_store(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("location", help="a tracking URI, a .db file or a folder holding mlflow.db")
+    parser.add_argument("locations", nargs="+", help="tracking URIs, .db files or folders holding mlflow.db")
     parser.add_argument("--experiment", default="benchmark")
     parser.add_argument("--filter", default="", help="MLflow filter string, e.g. \"params.target = 'drishti_gs'\"")
     parser.add_argument("--methods", nargs="*", default=None, help="method labels to keep, in table order")
     parser.add_argument("--baseline", default="none", help="the method the Δ columns compare with")
     parser.add_argument("--output_dir", default=None, help="where to write table.md/.csv/.png (default: print only)")
     args = parser.parse_args(argv)
-    records = records_from_store(args.location, args.experiment, args.filter, args.methods)
+    records = [r for loc in args.locations for r in records_from_store(loc, args.experiment, args.filter, args.methods)]
+    if args.methods is not None:  # one order over all the stores
+        records.sort(key=lambda r: args.methods.index(r["method"]))
     if not records:
         parser.error("no finished benchmark run matches")
     summary = summarise(records)
