@@ -21,7 +21,9 @@
 #
 # Other variables: WHEELHOUSE (.wheelhouse), PYTHON (python3), GPU_CHECK_STEPS ("install device job bench suite";
 # dry run without suite), GPU_CHECK_SIZES ("256 512"; dry run "64"), GPU_CHECK_REPEATS (20; dry run 1),
-# GPU_CHECK_WORKERS (pytest-xdist workers for the suite where xdist is installed, default 4; 0: none).
+# GPU_CHECK_WORKERS (pytest-xdist workers for the suite where xdist is installed, default 4; 0: none),
+# GPU_CHECK_METHODS (the registered adapters tta_speed.py also times, default "all": the speed column of Table 1;
+# empty: none).
 # shellcheck disable=SC2317  # the step_* functions are called by name
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -31,6 +33,7 @@ PY=${PYTHON:-python3}
 WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 WORKERS=${GPU_CHECK_WORKERS:-4}
+read -r -a METHODS <<<"${GPU_CHECK_METHODS-all}"
 if [ "$DEVICE" = cuda ]; then
     STEPS=${GPU_CHECK_STEPS:-install device job bench suite}
     SIZES=${GPU_CHECK_SIZES:-256 512}
@@ -166,7 +169,8 @@ step_bench() {
     local size status=0
     for size in $SIZES; do
         run tta_speed 240 "$PY" benchmarks/tta_speed.py --device "$DEVICE" --image_size "$size" --batch_size 1 \
-            --repeats "$REPEATS" --warmup "$WARMUP" --json "$WORK/tta_speed_$size.json" || status=1
+            --repeats "$REPEATS" --warmup "$WARMUP" --json "$WORK/tta_speed_$size.json" \
+            ${METHODS[@]+--methods "${METHODS[@]}"} || status=1
     done
     "$PY" - "$OUT/tta_speed.json" "$WORK"/tta_speed_*.json <<'EOF'
 import json

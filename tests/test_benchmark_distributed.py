@@ -12,7 +12,13 @@ from monai_grata.benchmark.__main__ import build_parser, run_key
 from monai_grata.benchmark.__main__ import main as benchmark_main
 from monai_grata.benchmark.compare import records_from_store
 from monai_grata.benchmark.distributed import rank_device
-from monai_grata.benchmark.store import BenchmarkStore, rank_store, tracking_uri_of
+from monai_grata.benchmark.store import (
+    BenchmarkStore,
+    _rank_store_paths,
+    merge_rank_stores,
+    rank_store,
+    tracking_uri_of,
+)
 
 from .conftest import REPO_ROOT, SAMPLE_DIR
 
@@ -53,6 +59,19 @@ def test_a_cell_left_in_a_rank_store_is_not_run_again_and_is_merged(tmp_path):
     assert store.client.list_artifacts(merged.info.run_id)[0].path == "per_image.csv"
 
 
+def test_a_launch_after_a_merge_writes_a_new_rank_store(tmp_path):
+    uri = tracking_uri_of(str(tmp_path))
+    main_store = BenchmarkStore(uri)
+    left = rank_store(uri, 0, launch="first")
+    left.client.create_run(left.experiment_id)
+    merge_rank_stores(main_store)
+    assert not [f for f in os.listdir(tmp_path) if "_rank" in f]
+    # the same process (rank 0) then writes the next launch's store: a new path, so a new engine
+    again = rank_store(uri, 0, launch="second")
+    again.client.create_run(again.experiment_id)
+    assert [os.path.basename(p) for p in _rank_store_paths(uri)] == ["mlflow_rank0-second.db"]
+
+
 def test_rank_stores_are_for_sqlite_and_gpus_follow_the_local_rank():
     with pytest.raises(ValueError, match="SQLite"):
         rank_store("http://localhost:5000", 0)
@@ -60,6 +79,11 @@ def test_rank_stores_are_for_sqlite_and_gpus_follow_the_local_rank():
     assert rank_device("cuda:1", 1, 0) == torch.device("cuda:1")  # one process: as given
     with pytest.raises(ValueError, match="LOCAL_RANK"):
         rank_device("cuda:1", 2, 0)
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(ValueError, match="no GPU"):
+            rank_device("cuda", 2, 1)
+    else:  # ranks beyond the GPUs share them
+        assert rank_device("cuda", 8, 7) == torch.device("cuda", 7 % torch.cuda.device_count())
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ found in the store are skipped, so an interrupted benchmark resumes. At the end 
 ``table.png`` (Table 1 of the paper: methods × pairs, mean ± std over seeds) are written and attached to the store.
 
 Under ``torchrun --nproc_per_node N -m monai_grata.benchmark ...`` the cells still to run are dealt over the N
-processes (one GPU each with ``--device cuda``, or CPU processes); with a SQLite store each rank logs into
-``OUTPUT_DIR/mlflow_rank<r>.db`` and rank 0 merges them into the store before writing the table.
+processes (with ``--device cuda`` rank r runs on GPU r mod the GPUs, so several may share one; or CPU processes);
+with a SQLite store each rank logs into ``OUTPUT_DIR/mlflow_rank<r>-<launch>.db`` and rank 0 merges them into the
+store before writing the table.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import time
+import uuid
 
 import ignite.distributed as idist
 import torch
@@ -96,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tracking_uri",
         default=None,
-        help="default: sqlite:///OUTPUT_DIR/mlflow.db (under torchrun each rank writes mlflow_rank<r>.db beside a "
-        "SQLite store and rank 0 merges them; a tracking server takes every rank's writes directly)",
+        help="default: sqlite:///OUTPUT_DIR/mlflow.db (under torchrun each rank writes mlflow_rank<r>-<launch>.db "
+        "beside a SQLite store and rank 0 merges them; a tracking server takes every rank's writes directly)",
     )
     parser.add_argument("--experiment", default="benchmark")
     return parser
@@ -139,9 +141,10 @@ def run_grid(cells: list[Cell], args: argparse.Namespace, device: torch.device) 
     """Run the cells not yet in the store, on this process or on this rank's share of them, and write the table.
 
     One process logs into the store. Under ``torchrun`` rank 0 alone reads the store and deals the remaining cells
-    to the ranks; with a SQLite store (one writer at a time) every rank logs into its own ``mlflow_rank<r>.db`` and
-    rank 0, once all ranks are done, merges them into the store (also what an interrupted run left, at the start);
-    a tracking server takes every rank's runs directly. Then rank 0 writes the table from the store.
+    to the ranks; with a SQLite store (one writer at a time) every rank logs into its own
+    ``mlflow_rank<r>-<launch>.db`` and rank 0, once all ranks are done, merges them into the store (also what an
+    interrupted run left, at the start); a tracking server takes every rank's runs directly. Then rank 0 writes the
+    table from the store.
 
     Returns:
         The table's summary (see :func:`~monai_grata.benchmark.summarise`); ``None`` on ranks other than 0.
@@ -162,8 +165,13 @@ def run_grid(cells: list[Cell], args: argparse.Namespace, device: torch.device) 
         on = f" on {world_size} processes" if world_size > 1 else ""
         logger.info(f"{len(cells)} cells, {len(cells) - len(todo)} already in the store, {len(todo)} to run{on}")
     if world_size > 1:  # rank 0 alone reads the store; the others get the cells to run from it
-        todo = json.loads(idist.broadcast(json.dumps(todo) if rank == 0 else "", src=0, safe_mode=True))
-        store = rank_store(uri, rank, args.experiment) if sqlite else (store or BenchmarkStore(uri, args.experiment))
+        plan = json.dumps({"todo": todo, "launch": uuid.uuid4().hex[:8]}) if rank == 0 else ""
+        plan = json.loads(idist.broadcast(plan, src=0, safe_mode=True))
+        todo = plan["todo"]
+        if sqlite:
+            store = rank_store(uri, rank, args.experiment, launch=plan["launch"])
+        else:
+            store = store or BenchmarkStore(uri, args.experiment)
     run_cells(shard([cells[i] for i in todo]), args, device, store, done)
     if world_size > 1:
         idist.barrier()

@@ -1,10 +1,13 @@
 """The benchmark on several processes: ``torchrun --nproc_per_node N -m monai_grata.benchmark ...``.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins one process group (gloo on CPU, nccl on GPU, one GPU per
-rank from ``LOCAL_RANK``), takes every N-th cell still to run, and logs its cells; rank 0 then builds the table.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins one gloo process group, takes the GPU ``LOCAL_RANK`` modulo
+the machine's GPUs (so several ranks may share one GPU: at batch size 1 one process leaves a GPU idle between kernel
+launches), takes every N-th cell still to run, and logs its cells; rank 0 then builds the table. The group only
+carries the list of cells still to run and the barriers, so gloo serves GPU ranks too (nccl refuses two ranks on
+one GPU).
 Where the cells are logged (the store scheme) is decided in ``__main__``: a SQLite store takes one writer, so each
-rank writes ``mlflow_rank{r}.db`` and rank 0 merges them (:func:`~monai_grata.benchmark.store.merge_rank_stores`);
-a tracking server takes every rank's writes directly.
+rank writes ``mlflow_rank{r}-{launch}.db`` and rank 0 merges them
+(:func:`~monai_grata.benchmark.store.merge_rank_stores`); a tracking server takes every rank's writes directly.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def launched_world_size() -> int:
 
 
 def rank_device(device: str, world_size: int, local_rank: int) -> torch.device:
-    """The device of one rank: in a multi-process run, ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per rank).
+    """The device of one rank: in a multi-process run, ``cuda`` becomes ``cuda:(LOCAL_RANK mod GPUs)``.
 
     Args:
         device: the ``--device`` given (``cpu``, ``cuda``, ``cuda:N``).
@@ -41,22 +44,22 @@ def rank_device(device: str, world_size: int, local_rank: int) -> torch.device:
         local_rank: this process's rank on its machine.
 
     Raises:
-        ValueError: a GPU index given to a multi-process run, or fewer GPUs than processes on the machine.
+        ValueError: a GPU index given to a multi-process run, or ``cuda`` on a machine without a GPU.
     """
     dev = torch.device(device)
     if world_size < 2 or dev.type != "cuda":
         return dev
     if dev.index is not None:
         raise ValueError(f"--device {device}: under torchrun every rank takes the GPU of its LOCAL_RANK; pass cuda")
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} GPUs on this machine")
-    return torch.device("cuda", local_rank)
+    if torch.cuda.device_count() == 0:
+        raise ValueError(f"--device {device}: this machine has no GPU")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[torch.device]:
-    """Join the process group when started by ``torchrun`` with more than one process (gloo for ``cpu``, nccl
-    for ``cuda``) and leave it at the end; a plain run starts none. Yields this rank's device.
+    """Join the (gloo) process group when started by ``torchrun`` with more than one process and leave it at the
+    end; a plain run starts none. Yields this rank's device.
 
     Args:
         device: the ``--device`` given.
@@ -70,7 +73,7 @@ def process_group(device: str) -> Iterator[torch.device]:
         torch.cuda.set_device(dev)
     # not idist.initialize: it would set the GPU of the local rank even for CPU processes (and fail on a machine
     # with fewer GPUs than processes); ignite's own set-up is collective, so every rank does it here
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+    dist.init_process_group("gloo", timeout=TIMEOUT)
     idist.sync()
     try:
         yield dev

@@ -58,13 +58,13 @@ def _stem(tracking_uri: str) -> str:
 
 
 def _rank_store_paths(tracking_uri: str) -> list[str]:
-    """The rank stores beside a SQLite store (``mlflow_rank0.db``, ``mlflow_rank1.db``, ... for ``mlflow.db``)
-    in rank order; none for any other tracking URI."""
+    """The rank stores beside a SQLite store (``mlflow_rank0-<launch>.db``, ``mlflow_rank1-<launch>.db``, ... for
+    ``mlflow.db``; also the ``mlflow_rank<r>.db`` of earlier versions) in rank order; none for any other URI."""
     if not tracking_uri.startswith(SQLITE):
         return []
     prefix = _stem(tracking_uri) + RANK_SUFFIX
-    ranks = {p: p[len(prefix) : -len(".db")] for p in glob.glob(glob.escape(prefix) + "*.db")}
-    return sorted((p for p, r in ranks.items() if r.isdigit()), key=lambda p: int(ranks[p]))
+    ranks = {p: p[len(prefix) : -len(".db")].partition("-") for p in glob.glob(glob.escape(prefix) + "*.db")}
+    return sorted((p for p, r in ranks.items() if r[0].isdigit()), key=lambda p: (int(ranks[p][0]), ranks[p][2]))
 
 
 class BenchmarkStore:
@@ -182,16 +182,25 @@ class BenchmarkStore:
         return new.info.run_id
 
 
-def rank_store(tracking_uri: str, rank: int, experiment: str = "benchmark") -> BenchmarkStore:
+def rank_store(tracking_uri: str, rank: int, experiment: str = "benchmark", launch: str = "") -> BenchmarkStore:
     """The store rank ``rank`` writes in a multi-process benchmark whose main store is a SQLite file
-    (``OUT/mlflow.db`` → ``OUT/mlflow_rank{rank}.db``, artifacts in ``OUT/mlflow_rank{rank}_artifacts``): SQLite
-    takes one writer at a time, so every rank writes its own file and :func:`merge_rank_stores` moves the cells
-    into the main store.
+    (``OUT/mlflow.db`` → ``OUT/mlflow_rank{rank}-{launch}.db``, artifacts in
+    ``OUT/mlflow_rank{rank}-{launch}_artifacts``): SQLite takes one writer at a time, so every rank writes its own
+    file and :func:`merge_rank_stores` moves the cells into the main store.
+
+    Args:
+        tracking_uri: the main store.
+        rank: the writing rank.
+        experiment: the experiment name.
+        launch: a name new to every launch. Rank 0 merges and deletes the rank stores an interrupted launch left
+            before it writes its own; MLflow keeps one SQLAlchemy engine per URI for the life of the process, so a
+            rank store re-created at a deleted store's path would be written through the stale engine (a
+            read-only database).
 
     Raises:
         ValueError: ``tracking_uri`` is not a SQLite store (a tracking server takes every rank's writes itself).
     """
-    path = f"{_stem(tracking_uri)}{RANK_SUFFIX}{rank}"
+    path = f"{_stem(tracking_uri)}{RANK_SUFFIX}{rank}" + (f"-{launch}" if launch else "")
     return BenchmarkStore(f"{SQLITE}{path}.db", experiment, artifact_dir=f"{path}_artifacts")
 
 
