@@ -8,7 +8,7 @@ from .denoiser import (
     save_denoiser,
     tap_features,
 )
-from .resunet import DECODERS, checkpoint_decoder, load_weights, resunet, save_half_precision
+from .res_unet import DECODERS, checkpoint_decoder, load_weights, resunet, save_half_precision
 
 __all__ = [
     "AuthorsResUNet",
