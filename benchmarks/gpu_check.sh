@@ -38,7 +38,7 @@ if [ "$DEVICE" = cuda ]; then
     STEPS=${GPU_CHECK_STEPS:-install device job bench suite}
     SIZES=${GPU_CHECK_SIZES:-256 512}
     REPEATS=${GPU_CHECK_REPEATS:-20}
-    WARMUP=3
+    WARMUP=10
     JOB_ARGS=()
 else
     STEPS=${GPU_CHECK_STEPS:-install device job bench}
