@@ -315,6 +315,30 @@ def test_steps_repeat_the_update():
         GraTa(tiny_net(), steps=0)
 
 
+def test_min_shift_updates_only_while_the_stream_looks_shifted():
+    x = torch.rand(1, 3, 16, 16)
+    probe = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=0.0)
+    probe(x)
+    shift = float(probe.last_stats["stream_shift"])
+    assert shift > 0 and "cos" in probe.last_stats  # above the threshold: the usual update
+    gated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=shift * 2)
+    before = [p.detach().clone() for p in gated.params]
+    gated(x)
+    assert float(gated.last_stats["lr"]) == 0 and "cos" not in gated.last_stats
+    assert all(torch.equal(a, b) for a, b in zip(before, gated.params, strict=True))
+    assert not gated.optimizer.state
+    # the gate reads the stream's mean: a far-shifted batch lifts it above the threshold, a reset forgets it
+    gated(x * 50 + 10)
+    assert float(gated.last_stats["stream_shift"]) > shift * 2 and "cos" in gated.last_stats
+    gated.reset()
+    gated(x)
+    assert float(gated.last_stats["stream_shift"]) == pytest.approx(shift, rel=1e-5)
+    with pytest.raises(ValueError, match="min_shift"):
+        GraTa(tiny_net(), bn_prior=16, min_shift=-1)
+    with pytest.raises(ValueError, match="bn_prior 0 discards"):
+        GraTa(tiny_net(), min_shift=0.2)
+
+
 # --- volumes: a 3D network and a 2D network applied slice by slice ---------------------------------------------
 
 

@@ -33,6 +33,7 @@ from .norm import BatchNormStatistics, SelectedBatchNormStatistics
 from .patches import PatchAdaptation, patch_positions, sample_patches
 from .presets import PRESETS, resolve_method
 from .sar import SAR, pixel_entropy
+from .shift import batch_norm_shift
 from .tent import Tent
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "source_prior_batch_norm",
     "track_test_statistics",
     "batch_statistics_weight",
+    "batch_norm_shift",
     "probabilities",
     "register_adapter",
     "resolve_method",
