@@ -151,8 +151,7 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert summary[0] == f"Done: source model 'refuge_train', adapted with {method}, 8 images in 1 domain."
     no_adapt, adapted = (float(v) for v in summary[2].split()[1:])
     assert summary[2].startswith("  all") and (no_adapt, adapted) == (
-        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4),
-        pytest.approx(metrics["dice_mean"], abs=5e-4),
+        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4), pytest.approx(metrics["dice_mean"], abs=5e-4)
     )
     assert summary[3].startswith(f"Outputs in {out}: masks/") and "overlays/" in summary[3]
     assert "mlflow ui --backend-store-uri sqlite:///" in summary[4] and len(summary) == 6
