@@ -175,22 +175,23 @@ class GraTa(TTAdapter):
         super().reset()
         self._shift_sum, self._shift_count = 0.0, 0
 
-    def stream_shift(self, x: torch.Tensor) -> torch.Tensor:
-        """Add ``x``'s :func:`~monai_grata.tta.batch_norm_shift` to the stream's and return the stream's mean."""
-        shift = batch_norm_shift(self.model, x)
-        self._shift_sum, self._shift_count = self._shift_sum + float(shift), self._shift_count + 1
-        return torch.tensor(self._shift_sum / self._shift_count)
+    def stream_shift(self, x: torch.Tensor) -> float:
+        """Add ``x``'s :func:`~monai_grata.tta.batch_norm_shift` to the stream's and return the stream's mean (the
+        gate's one host read per batch)."""
+        self._shift_sum += float(batch_norm_shift(self.model, x))
+        self._shift_count += 1
+        return self._shift_sum / self._shift_count
 
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         stats: dict[str, torch.Tensor] = {}
-        if self.min_shift is not None:
-            shift = self.stream_shift(x)
-            if not float(shift) > self.min_shift:
-                return {"stream_shift": shift, "lr": torch.tensor(0.0)}
-        for _ in range(self.steps):
-            stats = self.adapt_step(x)
-        if self.min_shift is not None:
-            stats["stream_shift"] = shift
+        shift = None if self.min_shift is None else self.stream_shift(x)
+        if shift is None or shift > self.min_shift:
+            for _ in range(self.steps):
+                stats = self.adapt_step(x)
+        else:
+            stats = {"lr": torch.tensor(0.0)}
+        if shift is not None:
+            stats["stream_shift"] = torch.tensor(shift)
         return stats
 
     def adapt_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

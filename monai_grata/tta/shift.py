@@ -12,23 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .batchnorm import _batch_norms
+
 __all__ = ["batch_norm_shift"]
-
-
-def _layers_with_statistics(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None
-    ]
 
 
 def _gaussian_kl(h: torch.Tensor, layer: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """Mean over channels of KL(N(batch mean, batch variance) ‖ N(running mean, running variance))."""
-    dims = [0, *range(2, h.ndim)]
-    mean, var = h.mean(dims), h.var(dims, unbiased=False) + layer.eps
+    var, mean = torch.var_mean(h, dim=[0, *range(2, h.ndim)], correction=0)
     ref_mean, ref_var = layer.running_mean.float(), layer.running_var.float() + layer.eps
-    ratio = var / ref_var
+    ratio = (var + layer.eps) / ref_var
     return 0.5 * ((mean - ref_mean) ** 2 / ref_var + ratio - 1 - torch.log(ratio)).mean()
 
 
@@ -45,7 +38,7 @@ def batch_norm_shift(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``model`` has no BatchNorm layer with running statistics.
     """
-    layers = _layers_with_statistics(model)
+    layers = [m for m in _batch_norms(model) if m.running_mean is not None and m.running_var is not None]
     if not layers:
         raise ValueError("the shift is read off BatchNorm running statistics, and the model has none")
     divergences: list[torch.Tensor] = []
