@@ -34,6 +34,15 @@ def test_summary_compares_no_adapt_and_adapted_dice_per_domain(tmp_path):
     assert lines[-2].startswith("Skipped 1 bad input") and "x.png' cannot be read" in lines[-1]
 
 
+def test_summary_keeps_a_long_method_name_apart_from_no_adapt(tmp_path):
+    adapted, no_adapt = report(tmp_path, {"dice_mean": 0.75}), report(tmp_path, {"dice_mean": 0.7})
+    summary = RunSummary(str(tmp_path), "grata_gated_long_name", report=adapted, reference=no_adapt)
+    header, row = summary.text().splitlines()[2:4]
+    assert header.split()[-3:] == ["No", "Adapt", "grata_gated_long_name"]
+    assert row.split() == ["all", "0.700", "0.750"]
+    assert header.index("grata_gated_long_name") + len("grata_gated_long_name") == len(row)  # columns line up
+
+
 def test_summary_without_labels(tmp_path):
     stream = io.StringIO()
     summary = RunSummary(str(tmp_path), "none", stream=stream)

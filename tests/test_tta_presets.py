@@ -21,3 +21,14 @@ def test_a_preset_fixes_its_own_options_over_the_bundle_ones(name):
     method, options = resolve_method(name, KWARGS)
     assert method == PRESETS[name]["method"]
     assert {k: options[k] for k in PRESETS[name]["options"]} == PRESETS[name]["options"]
+
+
+def test_the_gated_preset_builds_a_gated_grata_over_the_bundle_settings():
+    from monai.networks.nets import UNet
+
+    from monai_grata.tta import build_adapter
+
+    method, options = resolve_method("grata_gated", KWARGS)
+    model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    adapter = build_adapter(method, model, **options)
+    assert (adapter.min_shift, adapter.steps, adapter.beta) == (0.18, 3, 1e-3)

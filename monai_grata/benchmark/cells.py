@@ -18,7 +18,7 @@ from torch import nn
 
 from monai_grata.data import domain_datalist, fundus_preprocessing, split_train_val
 from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import adapter_class, build_adapter
+from monai_grata.tta import PRESETS, adapter_class, build_adapter
 from monai_grata.utils.per_image import finite_mean
 
 __all__ = [
@@ -58,6 +58,8 @@ def _format_value(value) -> str:
         return str(value).lower()
     if isinstance(value, float) and math.isinf(value):
         return "inf"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a preset's 256.0 labels its cells as the command line's 256 does
     return str(value)
 
 
@@ -75,7 +77,9 @@ def _parse_value(text: str):
 
 def parse_method(text: str) -> MethodSpec:
     """Parse ``name`` or ``name:key=value,...`` (values: numbers, ``true``/``false``, ``inf``, lists such as
-    ``[inf,16,0]``, or text).
+    ``[inf,16,0]``, or text). A preset name (:data:`~monai_grata.tta.PRESETS`: ``default``, ``paper``, ...) stands
+    for its method and options, written options overriding the preset's, so its cells are those of the spelled-out
+    spec (``default`` is ``norm:bn_prior=256``).
 
     Raises:
         ValueError: an option without ``=``.
@@ -87,7 +91,10 @@ def parse_method(text: str) -> MethodSpec:
         if not eq:
             raise ValueError(f"method option {part!r} in {text!r} is not key=value")
         options[key.strip()] = _parse_value(value)
-    return MethodSpec(name.strip(), options)
+    name = name.strip()
+    if name in PRESETS:
+        name, options = PRESETS[name]["method"], {**PRESETS[name]["options"], **options}
+    return MethodSpec(name, options)
 
 
 @dataclass(frozen=True)

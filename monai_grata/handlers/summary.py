@@ -67,11 +67,13 @@ class RunSummary:
             return ["No labels: no Dice (the masks are the result)."]
         columns = (["No Adapt"] if self.reference is not None and self.reference.summary else []) + [self.method]
         title = f"Dice ({', '.join(self.structures)} mean)"
-        lines = [f"  {title:<24}" + "".join(f"{c:>10}" for c in columns)]
+        widths = [max(10, len(c) + 2) for c in columns]  # a long method name keeps a gap to No Adapt
+        lines = [f"  {title:<24}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))]
         domains = self.domains if len(self.domains) > 1 else []
         for name, key in [(d, f"{d}/dice_mean") for d in domains] + [("all", "dice_mean")]:
             values = [r.summary.get(key) for r in ([self.reference] if len(columns) == 2 else []) + [self.report]]
-            lines.append(f"  {name:<24}" + "".join(f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in values))
+            cells = [f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}" for v, w in zip(values, widths, strict=True)]
+            lines.append(f"  {name:<24}" + "".join(cells))
         return lines
 
     def text(self) -> str:

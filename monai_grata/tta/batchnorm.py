@@ -23,8 +23,12 @@ __all__ = [
 ]
 
 
+def _named_batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for _, m in _named_batch_norms(model)]
 
 
 def batch_statistics_weight(batch_size: int, prior: float) -> float:

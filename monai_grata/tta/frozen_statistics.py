@@ -12,15 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import _group_statistics, batch_statistics_weight
+from .batchnorm import _group_statistics, _named_batch_norms, batch_statistics_weight
 
 __all__ = ["frozen_statistics", "normalisation_statistics"]
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _statistics_used(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +60,7 @@ def normalisation_statistics(model: nn.Module, x: torch.Tensor) -> Statistics:
     """
     recorded: Statistics = {}
     handles = []
-    for name, module in _batch_norms(model):
+    for name, module in _named_batch_norms(model):
 
         def record(module: nn.Module, args: tuple, name: str = name) -> None:
             recorded[name] = tuple(s.detach() for s in _statistics_used(module, args[0]))
@@ -98,7 +94,7 @@ def frozen_statistics(model: nn.Module, statistics: Statistics) -> Iterator[nn.M
     Raises:
         ValueError: a BatchNorm layer without statistics.
     """
-    layers = _batch_norms(model)
+    layers = _named_batch_norms(model)
     missing = [name for name, _ in layers if name not in statistics]
     if missing:
         raise ValueError(f"no frozen statistics for BatchNorm layers {missing[:5]}")

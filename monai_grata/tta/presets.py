@@ -1,4 +1,5 @@
-"""Named adaptation settings: ``inference.json --method default`` (the shipped default) and ``--method paper``."""
+"""Named adaptation settings: ``inference.json --method default`` (the shipped default), ``--method paper`` and
+``--method grata_gated``; the benchmark accepts the same names (``--methods default paper grata_gated``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ __all__ = ["PRESETS", "resolve_method"]
 
 #: preset name -> the registered method it runs and the options it fixes (over the bundle's ``adapter_kwargs``).
 #: ``paper``: GraTa exactly as the paper and the authors' code run it (the same as ``--method grata``).
-#: ``default``: chosen on the first 50 images of each fundus target (docs/results.md, "Choosing the default").
+#: ``default``: chosen on the first 50 images of each fundus target (docs/results.md, "A default that helps?").
+#: ``grata_gated``: GraTa, three updates per image at beta 1e-3 on the source prior of 256, updating only while the
+#: stream's BatchNorm shift exceeds 0.18 (docs/results.md, "A shift gate"); the candidate for the default.
 PRESETS: dict[str, dict] = {
     "paper": {"method": "grata", "options": {}},
     "default": {"method": "norm", "options": {"bn_prior": 256.0}},
+    "grata_gated": {"method": "grata", "options": {"bn_prior": 256.0, "beta": 1e-3, "steps": 3, "min_shift": 0.18}},
 }
 
 
@@ -19,7 +23,8 @@ def resolve_method(method: str, adapter_kwargs: Mapping[str, Mapping] | None = N
     """The registered adapter name and constructor options for ``method``, a preset or a registered name.
 
     Args:
-        method: a preset name (``"default"``, ``"paper"``) or a registered adapter name (``"grata"``, ...).
+        method: a preset name (``"default"``, ``"paper"``, ``"grata_gated"``) or a registered adapter name
+            (``"grata"``, ...).
         adapter_kwargs: per registered name, the options the bundle configures; a preset's own options win.
 
     Returns:
