@@ -89,7 +89,7 @@ BAD = {
     "two.png": r"image '.*two.png' has 2 channels, the network expects 3",
     "small.png": r"label '.*small_l.png' is 40x16, its image '.*small.png' is 40x32",
     "odd.png": r"label values \[255.0\] outside \[0, 1, 2\] in '.*odd_l.png'",
-    "dot.png": r"image '.*dot.png' is 1x1: too small to segment \(under 16 pixels a side\)",
+    "dot.png": r"image '.*dot.png' is 1x1: too small to segment \(the least is 16x16\)",
     "nan.nii.gz": r"image '.*nan.nii.gz' has 1 NaN/Inf pixels",
 }
 
@@ -110,6 +110,16 @@ def test_check_inputs_skip_keeps_the_good_and_lists_the_bad(folder, caplog):
     for entry, pattern in zip(skipped, BAD.values(), strict=True):
         assert re.search(pattern, entry["reason"])
     assert sum("skipping" in r.message for r in caplog.records) == 7
+
+
+def test_check_inputs_min_size_per_axis_lets_a_thin_volume_through(tmp_path):
+    path = str(tmp_path / "thin.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 3), np.float32), np.eye(4)), path)
+    assert check_inputs([{"image": path}], in_channels=1, spatial_dims=3, min_size=(8, 8, 1))[1] == []
+    with pytest.raises(BadInputError, match=r"thin.nii.gz' is 32x32x3: too small to segment \(the least is 8x8x8\)"):
+        check_inputs([{"image": path}], in_channels=1, spatial_dims=3, min_size=8)
+    with pytest.raises(ValueError, match="one side per spatial axis"):
+        check_inputs([{"image": path}], in_channels=1, spatial_dims=3, min_size=(8, 8))
 
 
 def test_check_inputs_nothing_usable_or_unknown_mode(folder):

@@ -66,7 +66,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _problem(item: dict, load: Callable, channels: Callable, labels: Callable, min_size: int) -> str | None:
+def _problem(
+    item: dict, load: Callable, channels: Callable, labels: Callable, min_size: Sequence[int]
+) -> str | None:
     """What is wrong with one ``{"image", "label"}`` item (naming the file), or ``None``."""
     data = {}
     for key in ("image", "label"):
@@ -77,9 +79,9 @@ def _problem(item: dict, load: Callable, channels: Callable, labels: Callable, m
                 return f"{key} {str(item[key])!r} cannot be read ({_first_line(err)})"
     try:
         image = channels(data)["image"]
-        if min(image.shape[1:]) < min_size:
-            size = "x".join(str(n) for n in image.shape[1:])
-            return f"image {str(item['image'])!r} is {size}: too small to segment (under {min_size} pixels a side)"
+        if any(n < m for n, m in zip(image.shape[1:], min_size, strict=True)):
+            size, least = ("x".join(str(n) for n in shape) for shape in (image.shape[1:], min_size))
+            return f"image {str(item['image'])!r} is {size}: too small to segment (the least is {least})"
         finite = torch.isfinite(torch.as_tensor(image))
         if not finite.all():
             return f"image {str(item['image'])!r} has {int((~finite).sum())} NaN/Inf pixels"
@@ -99,7 +101,7 @@ def check_inputs(
     spatial_dims: int = 2,
     label_values: Sequence[int] = (0, 1, 2),
     on_bad_input: str = "error",
-    min_size: int = 16,
+    min_size: int | Sequence[int] = 16,
 ) -> tuple[list[dict], list[dict]]:
     """Read every image (and label) once before any work starts, so a bad file stops the run up front (or is
     left out) instead of aborting a stream part-way.
@@ -118,7 +120,8 @@ def check_inputs(
         label_values: the values a label map may hold.
         on_bad_input: ``"error"`` raises :class:`BadInputError` naming every bad file; ``"skip"`` logs a
             warning per bad file and leaves it out.
-        min_size: the smallest image side accepted, in pixels.
+        min_size: the smallest image side accepted, in pixels: one for every axis, or one per spatial axis (a
+            slice-wise network takes a volume of any number of slices: e.g. ``(8, 8, 1)``).
 
     Returns:
         (the usable items, in order; ``[{"image": path, "reason": text}, ...]`` for the items left out).
@@ -132,6 +135,9 @@ def check_inputs(
     load = LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)
     channels = EnsureImageChannelsd(keys="image", in_channels=in_channels, spatial_dims=spatial_dims)
     labels = DiscCupFromLabeld(keys="label", allowed=tuple(label_values), allow_missing_keys=True)
+    min_size = (min_size,) * spatial_dims if isinstance(min_size, int) else tuple(min_size)
+    if len(min_size) != spatial_dims:
+        raise ValueError(f"min_size needs one side per spatial axis ({spatial_dims}), got {min_size}")
     if not items:
         raise BadInputError("empty dataset: no images to check")
     kept, skipped = [], []
