@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from monai_grata.benchmark import Cell, load_target, parse_method, predict_stream, summarise, target_items
+from monai_grata.benchmark import Cell, load_target, parse_method, predict_stream, run_cell, summarise, target_items
 from monai_grata.benchmark.__main__ import main as benchmark_main
 from monai_grata.benchmark.compare import main as compare_main
 from monai_grata.benchmark.compare import records_from_store
@@ -40,6 +40,17 @@ def test_adapters_never_read_the_label():
     dirty = predict_stream(cell, [{"image": item["image"]} for item in poisoned], f"{MODELS}/source_refuge_train.pt")[0]
     for a, b in zip(clean, dirty, strict=True):
         assert torch.equal(a, b)
+
+
+def test_per_image_rows_carry_what_the_adapter_reported():
+    images = load_target(target_items(SAMPLE, "drishti_gs")[:2], 64)
+    cell = Cell(parse_method("grata:bn_prior=256,min_shift=1000"), "refuge_train", "drishti_gs", 0)
+    summary, rows = run_cell(cell, images, f"{MODELS}/source_refuge_train.pt")
+    assert [row["adapt_lr"] for row in rows] == [0.0, 0.0]  # the gate stays shut below a shift of 1000
+    assert all(0 < row["adapt_stream_shift"] < 1000 for row in rows) and summary["n_images"] == 2
+    none_cell = Cell(parse_method("none"), "refuge_train", "drishti_gs", 0)
+    none_rows = run_cell(none_cell, images, f"{MODELS}/source_refuge_train.pt")[1]
+    assert not any(key.startswith("adapt_") for key in none_rows[0])
 
 
 def test_benchmark_end_to_end_resumes_and_compare_reads_back(tmp_path):

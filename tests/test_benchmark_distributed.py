@@ -48,7 +48,9 @@ def test_a_cell_left_in_a_rank_store_is_not_run_again_and_is_merged(tmp_path):
     # what an interrupted two-process run leaves: a finished cell in rank 1's store, nothing in the main store
     left = rank_store(tracking_uri_of(str(tmp_path)), 1)
     summary = {"dice_od": 0.5, "dice_oc": 0.25, "dice_mean": 0.375, "assd_od": 1.0, "assd_oc": 2.0, "images_per_s": 1.0}
-    left.log_cell(key, cell, {"image_size": 64}, summary, [{"filename": "a.png", "dice_od": 0.5}])
+    rows = [{"filename": "a.png", "dice_od": 0.5, "adapt_lr": 0.0}]
+    rows += [{"filename": "b.png", "dice_od": 0.4, "adapt_cos": -0.1}]
+    left.log_cell(key, cell, {"image_size": 64}, summary, rows)  # per-image columns may differ between images
     result = benchmark_main(args)
     assert result["cells"][("none", "refuge_train→drishti_gs")]["dice_mean"][0] == 0.375  # not run again
     records = records_from_store(str(tmp_path))
@@ -57,6 +59,9 @@ def test_a_cell_left_in_a_rank_store_is_not_run_again_and_is_merged(tmp_path):
     store = BenchmarkStore(tracking_uri_of(str(tmp_path)))
     merged = next(r for r in store.client.search_runs([store.experiment_id]) if r.info.run_name == key)
     assert store.client.list_artifacts(merged.info.run_id)[0].path == "per_image.csv"
+    csv_path = store.client.download_artifacts(merged.info.run_id, "per_image.csv", str(tmp_path))
+    with open(csv_path) as f:
+        assert f.read().splitlines() == ["filename,dice_od,adapt_lr,adapt_cos", "a.png,0.5,0.0,", "b.png,0.4,,-0.1"]
 
 
 def test_a_launch_after_a_merge_writes_a_new_rank_store(tmp_path):

@@ -152,10 +152,22 @@ def _score(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def predict_stream(
-    cell: Cell, images: Sequence[dict[str, torch.Tensor]], ckpt_path: str, device: str | torch.device = "cpu"
+    cell: Cell,
+    images: Sequence[dict[str, torch.Tensor]],
+    ckpt_path: str,
+    device: str | torch.device = "cpu",
+    adapter_stats: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[list[torch.Tensor], float, nn.Module | None]:
     """Adapt the source model continually over ``images`` (batch size 1, in order); only ``item["image"]`` is
     read, never the label.
+
+    Args:
+        cell: method, source, target, seed.
+        images: preprocessed items from :func:`load_target`.
+        ckpt_path: the source model's checkpoint.
+        device: where the model runs.
+        adapter_stats: when given, the adapter's ``last_stats`` of every image (cos, lr, stream_shift, ...) are
+            appended to it, still on the device (read once the stream is done, not per image).
 
     Returns:
         The logits of every image (from the model adapted up to and including it), the seconds spent adapting
@@ -182,6 +194,8 @@ def predict_stream(
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
         logits_all.append(logits)
+        if adapter_stats is not None and adapter is not None:
+            adapter_stats.append({k: torch.as_tensor(v).detach().clone() for k, v in adapter.last_stats.items()})
     return logits_all, elapsed, adapter
 
 
@@ -198,16 +212,19 @@ def run_cell(
 
     Returns:
         The summary (``dice_od``, ``dice_oc``, ``dice_mean``, ``assd_od``, ``assd_oc``, ``n_images``,
-        ``images_per_s``, ``n_skipped``, ``n_rolled_back``) and one row per image.
+        ``images_per_s``, ``n_skipped``, ``n_rolled_back``) and one row per image: its scores and, prefixed
+        ``adapt_``, what the adapter reported for it (e.g. GraTa's ``cos``, ``lr`` and, gated, ``stream_shift``).
     """
-    logits_all, elapsed, adapter = predict_stream(cell, images, ckpt_path, device)
+    stats: list[dict[str, torch.Tensor]] = []
+    logits_all, elapsed, adapter = predict_stream(cell, images, ckpt_path, device, stats)
     rows, dice, assd = [], [], []
-    for item, logits in zip(images, logits_all, strict=True):
+    for item, logits, image_stats in zip(images, logits_all, stats or [{}] * len(images), strict=True):
         d, a = _score(logits, item["label"])
         dice.append(d)
         assd.append(a)
         rows.append({"filename": item["name"], **{f"dice_{c}": float(d[i]) for i, c in enumerate(CHANNELS)}})
         rows[-1].update({f"assd_{c}": float(a[i]) for i, c in enumerate(CHANNELS)})
+        rows[-1].update({f"adapt_{k}": float(v) for k, v in image_stats.items() if v.numel() == 1})
     dice_t, assd_t = torch.stack(dice), torch.stack(assd)
     summary: dict[str, float] = {}
     for i, c in enumerate(CHANNELS):

@@ -128,7 +128,8 @@ class BenchmarkStore:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "per_image.csv")
             with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                columns = list(dict.fromkeys(k for row in rows for k in row))  # stats can differ per image
+                writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(rows)
             self.client.log_artifact(run_id, path)
