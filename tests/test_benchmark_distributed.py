@@ -113,3 +113,14 @@ def test_two_processes_give_the_one_process_table_and_every_cell_once(tmp_path):
     cells = sorted((r["method"], r["target"], r["seed"]) for r in records)
     assert len(cells) == 6 and len(set(cells)) == 6  # no cell lost, none twice
     assert not [f for f in os.listdir(tmp_path / "two") if "_rank" in f]
+
+
+def test_run_key_names_the_models_directory_only_when_it_is_not_the_shipped_one():
+    cell = Cell(parse_method("none"), "refuge_train", "drishti_gs", 0)
+    keys = {
+        models: run_key(cell, build_parser().parse_args(GRID + ["--output_dir", "o", "--models_dir", models]))
+        for models in ("bundles/grata/models", "./bundles/grata/models/", "/elsewhere/models")
+    }
+    shipped = keys["bundles/grata/models"]
+    assert shipped == keys["./bundles/grata/models/"] and "models=" not in shipped
+    assert keys["/elsewhere/models"].endswith("|models=/elsewhere/models/source_{source}.pt")

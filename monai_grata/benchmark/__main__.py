@@ -75,7 +75,7 @@ def build_cells(args: argparse.Namespace) -> list[Cell]:
 def run_key(cell: Cell, args: argparse.Namespace) -> str:
     """The cell and the settings that change its result; a finished run with the same key is not repeated."""
     key = f"{cell.key}|size={args.image_size}|images={args.skip_images}:{args.max_images or ''}"
-    models = os.path.join(args.models_dir, args.checkpoint_name)
+    models = os.path.normpath(os.path.join(args.models_dir, args.checkpoint_name))  # ./a/ and a are one directory
     return key if models == os.path.join("bundles/grata/models", "source_{source}.pt") else f"{key}|models={models}"
 
 
