@@ -1,4 +1,5 @@
 import io
+from types import SimpleNamespace
 
 from monai_grata.handlers import MetricsReport, RunSummary
 
@@ -41,6 +42,25 @@ def test_summary_keeps_a_long_method_name_apart_from_no_adapt(tmp_path):
     assert header.split()[-3:] == ["No", "Adapt", "grata_gated_long_name"]
     assert row.split() == ["all", "0.700", "0.750"]
     assert header.index("grata_gated_long_name") + len("grata_gated_long_name") == len(row)  # columns line up
+
+
+def test_summary_counts_the_updated_batches_and_those_the_shift_gate_held(tmp_path):
+    import torch
+
+    handler = SimpleNamespace(history=[
+        {"lr": torch.tensor(0.0), "stream_shift": torch.tensor(0.1)},  # gate shut
+        {"lr": torch.tensor(1e-3), "cos": torch.tensor(0.2), "stream_shift": torch.tensor(0.3)},
+        {"lr": torch.tensor(0.0), "cos": torch.tensor(-0.5)},  # min_cos rule: no step, but not the gate
+        {"skipped": torch.tensor(1.0)},  # non-finite input
+    ])  # fmt: skip
+    summary = RunSummary(str(tmp_path), "grata_gated", tta_handler=handler)
+    line = next(x for x in summary.text().splitlines() if x.startswith("Adaptation"))
+    assert line == (
+        "Adaptation updated the weights on 1 of 4 batches; the shift gate (min_shift) held them on 1 "
+        "(the stream looked like the source domain)."
+    )
+    no_lr = RunSummary(str(tmp_path), "norm", tta_handler=SimpleNamespace(history=[{}]))
+    assert not any(x.startswith("Adaptation") for x in no_lr.text().splitlines())
 
 
 def test_summary_without_labels(tmp_path):

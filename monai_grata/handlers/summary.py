@@ -24,8 +24,9 @@ OUTPUTS = {
 
 class RunSummary:
     """Print a short summary when the evaluator completes: the method, the number of images and domains,
-    Dice (mean over the structures) of the unadapted and the adapted model per domain and overall, the files
-    written, how to open the MLflow run, and the inputs left out.
+    Dice (mean over the structures) of the unadapted and the adapted model per domain and overall, how many
+    images the adapter updated the weights on (and why not on the others), the files written, how to open the
+    MLflow run, and the inputs left out.
 
     Args:
         output_dir: the run's output folder.
@@ -38,6 +39,8 @@ class RunSummary:
         stream: where to print (default ``sys.stdout``).
         structures: the names of the segmented structures, for the Dice line (default: the fundus's).
         mask_legend: what the values of the written label maps mean.
+        tta_handler: the run's :class:`~monai_grata.handlers.TTAHandler`; its ``history`` of step statistics
+            gives the count of updated images (an image counts as updated when its step size ``lr`` was > 0).
     """
 
     def __init__(
@@ -52,12 +55,14 @@ class RunSummary:
         stream=None,
         structures: Sequence[str] = ("disc", "cup"),
         mask_legend: str = "0 background, 1 disc rim, 2 cup",
+        tta_handler=None,
     ) -> None:
         self.output_dir, self.method, self.source = output_dir, method, source
         self.report, self.reference, self.tracking_uri = report, reference, tracking_uri
         self.skipped, self.stream = list(skipped), stream
         self.structures, self.mask_legend = tuple(structures), mask_legend
         self.n_images, self.domains = 0, []
+        self.tta_handler = tta_handler
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -76,6 +81,19 @@ class RunSummary:
             lines.append(f"  {name:<24}" + "".join(cells))
         return lines
 
+    def _adaptation_rows(self) -> list[str]:
+        history = getattr(self.tta_handler, "history", None) or []
+        steps = [h for h in history if "lr" in h]
+        if not steps:
+            return []
+        # one host read per image, once the stream is done
+        updated = [bool(float(h["lr"]) > 0 and not float(h.get("rolled_back", 0))) for h in steps]
+        line = f"Adaptation updated the weights on {sum(updated)} of {len(history)} batches"
+        held = sum(not u for u, h in zip(updated, steps, strict=True) if "stream_shift" in h and "cos" not in h)
+        if held:
+            line += f"; the shift gate (min_shift) held them on {held} (the stream looked like the source domain)"
+        return [line + "."]
+
     def text(self) -> str:
         """The summary."""
         what = "no adaptation" if self.method == "none" else f"adapted with {self.method}"
@@ -83,6 +101,7 @@ class RunSummary:
         domains = f" in {len(self.domains)} domain{'s' if len(self.domains) != 1 else ''}" if self.domains else ""
         lines = ["", f"Done: {source}{what}, {self.n_images} images{domains}."]
         lines += self._dice_rows()
+        lines += self._adaptation_rows()
         written = [
             text.format(legend=self.mask_legend)
             for name, text in OUTPUTS.items()
