@@ -47,7 +47,8 @@ def test_per_image_rows_carry_what_the_adapter_reported():
     cell = Cell(parse_method("grata:bn_prior=256,min_shift=1000"), "refuge_train", "drishti_gs", 0)
     summary, rows = run_cell(cell, images, f"{MODELS}/source_refuge_train.pt")
     assert [row["adapt_lr"] for row in rows] == [0.0, 0.0]  # the gate stays shut below a shift of 1000
-    assert all(0 < row["adapt_stream_shift"] < 1000 for row in rows) and summary["n_images"] == 2
+    assert all(0 < row["adapt_stream_shift"] < 1000 and row["adapt_gate_open"] == 0 for row in rows)
+    assert summary["n_images"] == 2
     none_cell = Cell(parse_method("none"), "refuge_train", "drishti_gs", 0)
     none_rows = run_cell(none_cell, images, f"{MODELS}/source_refuge_train.pt")[1]
     assert not any(key.startswith("adapt_") for key in none_rows[0])

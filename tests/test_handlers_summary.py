@@ -1,6 +1,8 @@
 import io
 from types import SimpleNamespace
 
+import torch
+
 from monai_grata.handlers import MetricsReport, RunSummary
 
 
@@ -45,11 +47,9 @@ def test_summary_keeps_a_long_method_name_apart_from_no_adapt(tmp_path):
 
 
 def test_summary_counts_the_updated_batches_and_those_the_shift_gate_held(tmp_path):
-    import torch
-
     handler = SimpleNamespace(history=[
-        {"lr": torch.tensor(0.0), "stream_shift": torch.tensor(0.1)},  # gate shut
-        {"lr": torch.tensor(1e-3), "cos": torch.tensor(0.2), "stream_shift": torch.tensor(0.3)},
+        {"lr": torch.tensor(0.0), "stream_shift": torch.tensor(0.1), "gate_open": torch.tensor(0.0)},
+        {"lr": torch.tensor(1e-3), "cos": torch.tensor(0.2), "gate_open": torch.tensor(1.0)},
         {"lr": torch.tensor(0.0), "cos": torch.tensor(-0.5)},  # min_cos rule: no step, but not the gate
         {"skipped": torch.tensor(1.0)},  # non-finite input
     ])  # fmt: skip

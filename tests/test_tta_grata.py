@@ -324,12 +324,14 @@ def test_min_shift_updates_only_while_the_stream_looks_shifted():
     gated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=shift * 2)
     before = [p.detach().clone() for p in gated.params]
     gated(x)
-    assert float(gated.last_stats["lr"]) == 0 and "cos" not in gated.last_stats
+    assert float(gated.last_stats["lr"]) == 0 and float(gated.last_stats["gate_open"]) == 0
+    assert "cos" not in gated.last_stats
     assert all(torch.equal(a, b) for a, b in zip(before, gated.params, strict=True))
     assert not gated.optimizer.state
     # the gate reads the stream's mean: a far-shifted batch lifts it above the threshold, a reset forgets it
     gated(x * 50 + 10)
     assert float(gated.last_stats["stream_shift"]) > shift * 2 and "cos" in gated.last_stats
+    assert float(gated.last_stats["gate_open"]) == 1
     gated.reset()
     gated(x)
     assert float(gated.last_stats["stream_shift"]) == pytest.approx(shift, rel=1e-5)

@@ -1,6 +1,7 @@
 import pytest
+from monai.networks.nets import UNet
 
-from monai_grata.tta import PRESETS, adapter_names, resolve_method
+from monai_grata.tta import PRESETS, adapter_names, build_adapter, resolve_method
 
 KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False, "bn_prior": 0.0}}
 
@@ -24,10 +25,6 @@ def test_a_preset_fixes_its_own_options_over_the_bundle_ones(name):
 
 
 def test_the_gated_preset_builds_a_gated_grata_over_the_bundle_settings():
-    from monai.networks.nets import UNet
-
-    from monai_grata.tta import build_adapter
-
     method, options = resolve_method("grata_gated", KWARGS)
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)

@@ -195,7 +195,7 @@ def predict_stream(
         elapsed += time.perf_counter() - start
         logits_all.append(logits)
         if adapter_stats is not None and adapter is not None:
-            adapter_stats.append({k: torch.as_tensor(v).detach().clone() for k, v in adapter.last_stats.items()})
+            adapter_stats.append(adapter.last_stats)  # a new dict of 0-dim tensors per batch
     return logits_all, elapsed, adapter
 
 

@@ -40,7 +40,8 @@ class RunSummary:
         structures: the names of the segmented structures, for the Dice line (default: the fundus's).
         mask_legend: what the values of the written label maps mean.
         tta_handler: the run's :class:`~monai_grata.handlers.TTAHandler`; its ``history`` of step statistics
-            gives the count of updated images (an image counts as updated when its step size ``lr`` was > 0).
+            gives the count of updated batches (a batch counts as updated when its step size ``lr`` was > 0 and
+            the step was not rolled back) and of those a gated GraTa's shift gate held (``gate_open`` 0).
     """
 
     def __init__(
@@ -89,7 +90,7 @@ class RunSummary:
         # one host read per image, once the stream is done
         updated = [bool(float(h["lr"]) > 0 and not float(h.get("rolled_back", 0))) for h in steps]
         line = f"Adaptation updated the weights on {sum(updated)} of {len(history)} batches"
-        held = sum(not u for u, h in zip(updated, steps, strict=True) if "stream_shift" in h and "cos" not in h)
+        held = sum(not float(h["gate_open"]) for h in history if "gate_open" in h)
         if held:
             line += f"; the shift gate (min_shift) held them on {held} (the stream looked like the source domain)"
         return [line + "."]

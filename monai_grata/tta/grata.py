@@ -78,7 +78,8 @@ class GraTa(TTAdapter):
         min_shift: update only while the stream looks shifted: the mean, over the batches seen since the last
             reset, of :func:`~monai_grata.tta.batch_norm_shift` (how far each batch's BatchNorm inputs are from the
             source running statistics; one extra forward per batch) must exceed ``min_shift``; otherwise the
-            batch is predicted without an update. None (the paper): always update. In-domain fundus images
+            batch is predicted without an update. The statistics then report ``stream_shift`` and ``gate_open``
+            (1 or 0). None (the paper): always update. In-domain fundus images
             score about 0.04-0.15, the other sites' 0.25-0.39 (``docs/results.md``). Needs ``bn_prior`` > 0:
             the shift is measured against the source running statistics, which the paper's setting discards.
     """
@@ -192,6 +193,7 @@ class GraTa(TTAdapter):
             stats = {"lr": torch.tensor(0.0)}
         if shift is not None:
             stats["stream_shift"] = torch.tensor(shift)
+            stats["gate_open"] = torch.tensor(float(shift > self.min_shift))
         return stats
 
     def adapt_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
