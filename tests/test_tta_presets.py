@@ -29,3 +29,11 @@ def test_the_gated_preset_builds_a_gated_grata_over_the_bundle_settings():
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
     assert (adapter.min_shift, adapter.steps, adapter.beta) == (0.18, 3, 1e-3)
+
+
+def test_options_the_user_changed_win_over_a_preset():
+    # the bundle passes every option; those left at the adapter's default give way to the preset, the others win
+    kwargs = {"grata": {"beta": 1e-4, "bn_prior": 0.0, "min_shift": 0.3, "steps": 1, "seed": 5}}
+    method, options = resolve_method("grata_gated", kwargs)
+    assert method == "grata" and options == {"beta": 1e-3, "bn_prior": 256.0, "min_shift": 0.3, "steps": 3, "seed": 5}
+    assert resolve_method("grata_gated", {"grata": {"bn_prior": 64.0}})[1]["bn_prior"] == 64.0

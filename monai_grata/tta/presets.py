@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
+
+from .base import adapter_class
 
 __all__ = ["PRESETS", "resolve_method"]
 
@@ -19,19 +22,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _constructor_defaults(name: str) -> dict:
+    """The keyword defaults of the registered adapter ``name``'s constructor."""
+    parameters = inspect.signature(adapter_class(name).__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 def resolve_method(method: str, adapter_kwargs: Mapping[str, Mapping] | None = None) -> tuple[str, dict]:
     """The registered adapter name and constructor options for ``method``, a preset or a registered name.
+
+    A preset fixes its options over the bundle's, except those the bundle sets to something other than the
+    adapter's own default: those were chosen by the user (``--method default --min_shift 0.3`` gates at 0.3).
 
     Args:
         method: a preset name (``"default"``, ``"paper"``, ``"grata_gated"``) or a registered adapter name
             (``"grata"``, ...).
-        adapter_kwargs: per registered name, the options the bundle configures; a preset's own options win.
+        adapter_kwargs: per registered name, the options the bundle configures.
 
     Returns:
         (adapter name, options) for :func:`~monai_grata.tta.build_adapter`.
     """
     adapter_kwargs = adapter_kwargs or {}
-    if method in PRESETS:
-        name = PRESETS[method]["method"]
-        return name, {**adapter_kwargs.get(name, {}), **PRESETS[method]["options"]}
-    return method, dict(adapter_kwargs.get(method, {}))
+    if method not in PRESETS:
+        return method, dict(adapter_kwargs.get(method, {}))
+    name, preset = PRESETS[method]["method"], PRESETS[method]["options"]
+    configured, defaults = dict(adapter_kwargs.get(name, {})), _constructor_defaults(name)
+    chosen = {k: v for k, v in configured.items() if k in preset and k in defaults and v != defaults[k]}
+    return name, {**configured, **preset, **chosen}
