@@ -52,6 +52,14 @@ def test_stats_reach_stats_handler(capsys):
     assert "Iter: 4/4 -- cos:" in printed and "lr:" in printed and "loss_pseudo:" in printed
 
 
+def test_a_preset_builds_its_adapter_and_options_given_win():
+    handler = TTAHandler(method="grata_gated", steps=2, beta=1e-4)  # 1e-4: GraTa's own default, still the user's
+    evaluator(tiny_net(), [handler]).run()
+    assert isinstance(handler.adapter, GraTa)
+    assert (handler.adapter.min_shift, handler.adapter.beta, handler.adapter.steps) == (0.18, 1e-4, 2)
+    assert "stream_shift" in handler.history[0]
+
+
 def test_reset_on_domain_change():
     handler = TTAHandler(method="grata", reset_key="domain", beta=1e-2)
     resets = []

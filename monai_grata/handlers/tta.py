@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter
+from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter, resolve_method
 
 __all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
 
@@ -37,7 +37,8 @@ class TTAHandler:
     Args:
         adapter: a ready adapter whose ``model`` is the evaluator's network; or ``None`` to build one with
             ``method`` and ``adapter_kwargs`` around ``network`` (default: the evaluator's network).
-        method: a registered adapter name, used when ``adapter`` is ``None``.
+        method: a registered adapter name or a preset (:data:`~monai_grata.tta.PRESETS`: ``"default"``,
+            ``"paper"``, ...), used when ``adapter`` is ``None``; options given here win over a preset's.
         network: the network to adapt when building the adapter.
         reset_key: a batch key (e.g. ``"domain"``): the adapter is reset to the source weights whenever its
             value changes, so each target domain starts from the source model (continual within a domain).
@@ -77,7 +78,8 @@ class TTAHandler:
             target = self.network if self.network is not None else network
             if target is None:
                 raise ValueError("no network to adapt: pass `adapter` or `network`, or attach to a SupervisedEvaluator")
-            self.adapter = build_adapter(self.method, target, **self.adapter_kwargs)
+            name, options = resolve_method(self.method)
+            self.adapter = build_adapter(name, target, **{**options, **self.adapter_kwargs})
         if network is not None and network is not self.adapter.model:
             raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")
         inferer = getattr(engine, "inferer", None)
