@@ -70,6 +70,8 @@ def test_benchmark_end_to_end_resumes_and_compare_reads_back(tmp_path):
     for key, stats in summary["cells"].items():
         assert rebuilt["cells"][key]["dice_mean"] == pytest.approx(stats["dice_mean"], nan_ok=True)
     assert (tmp_path / "rebuilt" / "table.md").read_text() == (tmp_path / "table.md").read_text()
+    # methods are named as the benchmark takes them: the options of a spec normalised to its label
+    assert compare_main([str(tmp_path), "--methods", "norm:bn_prior=4.0"])["methods"] == ["norm:bn_prior=4"]
     # two stores in one table, rows in the order asked for
     other = tmp_path / "other"
     norm = benchmark_main([*args[:-4], "--output_dir", str(other), "--device", "cpu", "--methods", "norm"])

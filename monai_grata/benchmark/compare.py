@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .cells import parse_method
 from .store import CELL_TAG, BenchmarkStore, tracking_uri_of
 from .table import summarise, write_chart, write_csv, write_markdown
 
@@ -29,7 +30,8 @@ def records_from_store(
         location: a tracking URI, a ``.db`` file or a folder holding ``mlflow.db``.
         experiment: the experiment name.
         filter_string: an extra MLflow filter, e.g. ``"params.seed = '0'"``.
-        methods: keep only these method labels, in this order (default: all, in run order).
+        methods: keep only these methods, in this order (default: all, in run order); written as the benchmark's
+            ``--methods`` takes them (a preset name, options in any order), so ``grata_gated`` finds its cells.
 
     Raises:
         ValueError: no such experiment in the store.
@@ -44,6 +46,7 @@ def records_from_store(
     runs = store.client.search_runs([store.experiment_id], query, max_results=50000, order_by=["attributes.start_time"])
     records = [{**r.data.params, **r.data.metrics} for r in runs if CELL_TAG in r.data.tags]
     if methods is not None:
+        methods = [parse_method(m).label for m in methods]
         records = sorted((r for r in records if r["method"] in methods), key=lambda r: methods.index(r["method"]))
     return records
 
@@ -53,10 +56,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("locations", nargs="+", help="tracking URIs, .db files or folders holding mlflow.db")
     parser.add_argument("--experiment", default="benchmark")
     parser.add_argument("--filter", default="", help="MLflow filter string, e.g. \"params.target = 'drishti_gs'\"")
-    parser.add_argument("--methods", nargs="*", default=None, help="method labels to keep, in table order")
+    parser.add_argument("--methods", nargs="*", default=None, help="methods to keep, in table order (specs or presets)")
     parser.add_argument("--baseline", default="none", help="the method the Δ columns compare with")
     parser.add_argument("--output_dir", default=None, help="where to write table.md/.csv/.png (default: print only)")
     args = parser.parse_args(argv)
+    if args.methods is not None:
+        args.methods = [parse_method(m).label for m in args.methods]
+    args.baseline = parse_method(args.baseline).label
     records = [r for loc in args.locations for r in records_from_store(loc, args.experiment, args.filter, args.methods)]
     if args.methods is not None:  # one order over all the stores
         records.sort(key=lambda r: args.methods.index(r["method"]))
