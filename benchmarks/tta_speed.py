@@ -13,7 +13,8 @@ batch allocates on top, relative to plain inference and to the training step. ``
 numbers, with the device, torch and CUDA versions and the date.
 
 ``--methods NAME ...`` (or ``all``) also times those registered adapters (``monai_grata.tta.adapter_names()``,
-each with its defaults; the baselines of Table 1), so ``docs/results.md`` has a speed column from one run.
+each with its defaults; the baselines of Table 1) or presets (``monai_grata.tta.PRESETS``, e.g. ``grata_gated``,
+with their options), so ``docs/results.md`` has a speed column from one run.
 
 With ``--breakdown`` (CPU only) it then profiles the batched GraTa steps with ``torch.profiler`` and splits a
 step into the phases Algorithm 1 is made of (the ``record_function`` ranges in ``monai_grata.tta``), each in ms
@@ -35,7 +36,7 @@ from monai.losses import DiceFocalLoss
 from torch.profiler import ProfilerActivity, profile
 
 from monai_grata.networks import resunet
-from monai_grata.tta import GraTa, Tent, adapter_names, build_adapter
+from monai_grata.tta import GraTa, Tent, adapter_names, build_adapter, resolve_method
 
 PLAIN, TRAIN = "plain inference", "training step (fwd+bwd, Dice+BCE)"
 
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed images per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--breakdown", action="store_true", help="also split a GraTa step into its phases (CPU)")
-    parser.add_argument("--methods", nargs="*", default=[], help="also time these registered adapters ('all': all)")
+    parser.add_argument("--methods", nargs="*", default=[], help="also time these adapters or presets ('all')")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.breakdown and torch.device(args.device).type != "cpu":
@@ -186,7 +187,8 @@ def main() -> None:
         TRAIN: lambda: TrainingStep(fresh(), label),
     }
     for method in adapter_names() if args.methods == ["all"] else args.methods:
-        builders[f"{method} (adapt + predict)"] = lambda method=method: build_adapter(method, fresh())
+        name, options = resolve_method(method)  # a preset (default, grata_gated, ...) with its options
+        builders[f"{method} (adapt + predict)"] = lambda n=name, o=options: build_adapter(n, fresh(), **o)
     header = {
         "device": str(device),
         "device_name": device_description(device),
