@@ -24,8 +24,14 @@ def test_a_preset_fixes_its_own_options_over_the_bundle_ones(name):
     assert {k: options[k] for k in PRESETS[name]["options"]} == PRESETS[name]["options"]
 
 
-def test_the_gated_preset_builds_a_gated_grata_over_the_bundle_settings():
-    method, options = resolve_method("grata_gated", KWARGS)
+def test_the_default_is_the_gated_grata_and_source_prior_the_statistics_alone():
+    assert PRESETS["default"] == PRESETS["grata_gated"]
+    assert resolve_method("source_prior", KWARGS) == ("norm", {"episodic": False, "bn_prior": 256.0})
+
+
+@pytest.mark.parametrize("name", ["default", "grata_gated"])
+def test_the_gated_preset_builds_a_gated_grata_over_the_bundle_settings(name):
+    method, options = resolve_method(name, KWARGS)
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
     assert (adapter.min_shift, adapter.steps, adapter.beta) == (0.18, 3, 1e-3)

@@ -77,9 +77,9 @@ def _parse_value(text: str):
 
 def parse_method(text: str) -> MethodSpec:
     """Parse ``name`` or ``name:key=value,...`` (values: numbers, ``true``/``false``, ``inf``, lists such as
-    ``[inf,16,0]``, or text). A preset name (:data:`~monai_grata.tta.PRESETS`: ``default``, ``paper``, ...) stands
-    for its method and options, written options overriding the preset's, so its cells are those of the spelled-out
-    spec (``default`` is ``norm:bn_prior=256``).
+    ``[inf,16,0]``, or text). A preset name (:data:`~monai_grata.tta.PRESETS`: ``default``, ``paper``,
+    ``source_prior``, ...) stands for its method and options, written options overriding the preset's, so its cells
+    are those of the spelled-out spec (``source_prior`` is ``norm:bn_prior=256``).
 
     Raises:
         ValueError: an option without ``=``.
