@@ -18,7 +18,7 @@ from torch import nn
 
 from monai_grata.data import domain_datalist, fundus_preprocessing, split_train_val
 from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import PRESETS, adapter_class, build_adapter
+from monai_grata.tta import PRESETS, adapter_class, build_adapter, resolve_method
 from monai_grata.utils.per_image import finite_mean
 
 __all__ = [
@@ -93,7 +93,8 @@ def parse_method(text: str) -> MethodSpec:
         options[key.strip()] = _parse_value(value)
     name = name.strip()
     if name in PRESETS:
-        name, options = PRESETS[name]["method"], {**PRESETS[name]["options"], **options}
+        name, preset_options = resolve_method(name)
+        options = {**preset_options, **options}
     return MethodSpec(name, options)
 
 
