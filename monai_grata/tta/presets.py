@@ -42,8 +42,7 @@ def resolve_method(method: str, adapter_kwargs: Mapping[str, Mapping] | None = N
 
     Args:
         method: a preset name (``"default"``, ``"paper"``, ``"grata_gated"``, ``"source_prior"``) or a registered
-            adapter name
-            (``"grata"``, ...).
+            adapter name (``"grata"``, ...).
         adapter_kwargs: per registered name, the options the bundle configures.
 
     Returns:
