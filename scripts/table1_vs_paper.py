@@ -32,8 +32,8 @@ def ranks(values: dict[str, float]) -> dict[str, int]:
     return {k: order.index(k) + 1 for k in values}
 
 
-def compare_with_paper(summary: dict, baseline: str = "none") -> tuple[str, float]:
-    """The markdown table and Spearman's rho over the methods in both tables.
+def compare_with_paper(summary: dict, baseline: str = "none") -> tuple[str, float, int]:
+    """The markdown table, Spearman's rho over the methods in both tables, and how many those are.
 
     Args:
         summary: :func:`monai_grata.benchmark.summarise` of the store's cells.
@@ -60,7 +60,7 @@ def compare_with_paper(summary: dict, baseline: str = "none") -> tuple[str, floa
         row = [method, f"{average:.4f}", f"{average - ours[baseline]:+.4f}", f"{wins} of {len(summary['shift_pairs'])}"]
         lines.append("| " + " | ".join([*row, str(our_rank.get(method, "–")), *paper]) + " |")
     rho = spearmanr([ours[m] for m in shared], [PAPER_AVERAGE[m] for m in shared]).statistic
-    return "\n".join(lines) + "\n", float(rho)
+    return "\n".join(lines) + "\n", float(rho), len(shared)
 
 
 def main() -> None:
@@ -71,9 +71,9 @@ def main() -> None:
     records = [
         r for loc in args.locations for r in records_from_store(loc, filter_string=args.filter, methods=list(METHODS))
     ]
-    table, rho = compare_with_paper(summarise(records))
+    table, rho, n_shared = compare_with_paper(summarise(records))
     print(table)
-    print(f"Spearman's rho of the two orderings over the {len(PAPER_AVERAGE)} methods both tables hold: {rho:+.2f}")
+    print(f"Spearman's rho of the two orderings over the {n_shared} methods both tables hold: {rho:+.2f}")
 
 
 if __name__ == "__main__":
