@@ -113,6 +113,8 @@ def write_chart(summary: dict, path: str) -> None:
 
     pairs, methods = summary["pairs"], summary["methods"]
     width = 0.8 / max(len(methods), 1)
+    # tab10 repeats its colours past ten methods (the benchmark's eleven would share one): tab20 holds twenty
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(pairs) + 2), 4))
     for i, method in enumerate(methods):
         stats = [summary["cells"].get((method, p), {}).get("dice_mean", (float("nan"), float("nan"), 0)) for p in pairs]
@@ -122,11 +124,12 @@ def write_chart(summary: dict, path: str) -> None:
             width,
             yerr=[s[1] if math.isfinite(s[1]) else 0.0 for s in stats],
             label=method,
+            color=colours[i % len(colours)],
         )
     ax.set_xticks(range(len(pairs)), pairs, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("mean Dice (OD, OC)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
