@@ -101,3 +101,11 @@ def test_methods_all_is_no_adapt_and_every_baseline():
     methods = all_methods()
     assert methods[0] == "none" and "norm_select" not in methods
     assert set(methods[1:]) == set(adapter_names()) - {"norm_select"}
+
+
+def test_chart_gives_each_of_the_eleven_methods_its_own_colour():
+    from monai_grata.benchmark.table import method_colours
+
+    assert len(set(method_colours(11))) == 11  # tab10 alone would repeat its first colour
+    assert len(set(method_colours(4))) == 4
+    assert len(method_colours(25)) == 25

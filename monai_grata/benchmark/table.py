@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from .cells import VAL_SUFFIX
 
-__all__ = ["pair_label", "summarise", "write_chart", "write_csv", "write_markdown"]
+__all__ = ["method_colours", "pair_label", "summarise", "write_chart", "write_csv", "write_markdown"]
 
 METRICS = ("dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "images_per_s")
 
@@ -104,6 +104,19 @@ def write_csv(summary: dict, path: str) -> None:
             writer.writerow([method, pair, n, *[f"{v:.6g}" for m in METRICS for v in stats[m][:2]]])
 
 
+def method_colours(n_methods: int) -> list[tuple[float, float, float]]:
+    """One colour per method: matplotlib's tab10 up to ten methods, tab20 beyond (tab10 repeats its colours, so the
+    benchmark's eleven methods would have two bars of one colour), cycling past twenty.
+
+    Args:
+        n_methods: the number of methods in the chart.
+    """
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if n_methods <= 10 else "tab20"].colors
+    return [tuple(palette[i % len(palette)]) for i in range(n_methods)]
+
+
 def write_chart(summary: dict, path: str) -> None:
     """A grouped bar chart of mean Dice: one group per pair, one bar per method (error bars: std over seeds)."""
     import matplotlib
@@ -113,8 +126,7 @@ def write_chart(summary: dict, path: str) -> None:
 
     pairs, methods = summary["pairs"], summary["methods"]
     width = 0.8 / max(len(methods), 1)
-    # tab10 repeats its colours past ten methods (the benchmark's eleven would share one): tab20 holds twenty
-    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    colours = method_colours(len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(pairs) + 2), 4))
     for i, method in enumerate(methods):
         stats = [summary["cells"].get((method, p), {}).get("dice_mean", (float("nan"), float("nan"), 0)) for p in pairs]
