@@ -136,7 +136,7 @@ def write_chart(summary: dict, path: str) -> None:
             width,
             yerr=[s[1] if math.isfinite(s[1]) else 0.0 for s in stats],
             label=method,
-            color=colours[i % len(colours)],
+            color=colours[i],
         )
     ax.set_xticks(range(len(pairs)), pairs, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("mean Dice (OD, OC)")
