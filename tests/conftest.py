@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,6 +19,18 @@ def _seed():
 @pytest.fixture
 def sample_dir() -> str:
     return SAMPLE_DIR
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (``scripts/`` is no package).
+
+    Args:
+        name: the script's file name without ``.py``.
+    """
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Device-specific code is tested on every device this machine has: "cuda" is reported as skipped without one.

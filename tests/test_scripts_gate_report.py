@@ -1,23 +1,17 @@
 """``scripts/gate_report.py``: per cell, the images on which the gate let GraTa update and the stream shift."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from monai_grata.benchmark import parse_method
 from monai_grata.benchmark.cells import Cell
 from monai_grata.benchmark.store import BenchmarkStore
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gate_report.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("gate_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gate_report")
 
 
 def log(store: BenchmarkStore, method: str, source: str, target: str, rows: list[dict]) -> None:

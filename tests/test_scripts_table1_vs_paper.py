@@ -1,22 +1,17 @@
 """``scripts/table1_vs_paper.py``: ranks, pairs above No Adapt and Spearman's rho against the paper's Table 1."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from monai_grata.benchmark import summarise
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "table1_vs_paper.py"
+from .conftest import load_script
+
 PAIRS = (("a", "b"), ("b", "a"))
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("table1_vs_paper", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("table1_vs_paper")
 
 
 def records(dice: dict[str, tuple[float, float]]) -> list[dict]:
