@@ -94,13 +94,18 @@ def test_summary_means_and_stds_over_seeds():
     assert summary["average"]["m"][0] == pytest.approx(0.6)
 
 
-def test_methods_all_is_no_adapt_and_every_baseline():
+def test_methods_all_is_no_adapt_every_baseline_and_the_shipped_presets():
     from monai_grata.benchmark.__main__ import all_methods
+    from monai_grata.benchmark.cells import parse_method
     from monai_grata.tta import adapter_names
 
     methods = all_methods()
     assert methods[0] == "none" and "norm_select" not in methods
-    assert set(methods[1:]) == set(adapter_names()) - {"norm_select"}
+    assert methods[-2:] == ["default", "source_prior"]
+    assert set(methods[1:-2]) == set(adapter_names()) - {"norm_select"}
+    # the presets are cells of their own, not repeats of the plain methods
+    labels = [parse_method(m).label for m in methods]
+    assert len(set(labels)) == len(labels)
 
 
 def test_chart_gives_each_of_the_eleven_methods_its_own_colour():

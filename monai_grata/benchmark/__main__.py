@@ -42,9 +42,10 @@ logger = logging.getLogger("monai_grata.benchmark")
 
 
 def all_methods() -> list[str]:
-    """What ``--methods all`` runs: No Adapt and every registered adapter except the per-image selector
-    ``norm_select`` (this project's experiment, not a baseline of the paper)."""
-    return ["none", *(name for name in adapter_names() if name != "norm_select")]
+    """What ``--methods all`` runs: No Adapt, every registered adapter except the per-image selector
+    ``norm_select`` (this project's experiment, not a baseline of the paper), then the shipped ``default`` and
+    ``source_prior`` presets, so a first benchmark shows what the main job runs."""
+    return ["none", *(name for name in adapter_names() if name != "norm_select"), "default", "source_prior"]
 
 
 def is_stochastic(method_name: str) -> bool:
