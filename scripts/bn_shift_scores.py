@@ -1,6 +1,6 @@
 """How far test images are from each source domain by GraTa's ``min_shift`` gauge, and the threshold it implies.
 
-    python scripts/bn_shift_scores.py --dataset_dir ../shared/data/fundus --max_images 50
+    python scripts/bn_shift_scores.py --dataset_dir $DATA_DIR/fundus --max_images 50
 
 For every source model, :func:`monai_grata.tta.batch_norm_shift` (the KL divergence of each BatchNorm layer's
 input channels from the source running statistics, averaged) of single images, measured as GraTa measures it
@@ -33,7 +33,7 @@ def shifts(model: torch.nn.Module, items: list[dict], image_size: int) -> list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_dir", default="../shared/data/fundus")
+    parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--models_dir", default="bundles/grata/models")
     parser.add_argument("--max_images", type=int, default=50, help="first images of each other domain")
     parser.add_argument("--image_size", type=int, default=256)

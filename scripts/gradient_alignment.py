@@ -1,7 +1,7 @@
 """Figure 4 of the GraTa paper, measured: does taking the pseudo (consistency) gradient at θ' = θ − ∇L_aux align
 it better with the supervised gradient than taking it at θ?
 
-    python scripts/gradient_alignment.py --dataset_dir ../shared/data/fundus \\
+    python scripts/gradient_alignment.py --dataset_dir $DATA_DIR/fundus \\
         --pairs refuge_train:drishti_gs drishti_gs:refuge_val refuge_val:refuge_train --max_images 30 \\
         --out docs/images/gradient_alignment.png
 
@@ -68,7 +68,7 @@ def run_pair(args: argparse.Namespace, source: str, target: str, ckpt: str) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_dir", default="../shared/data/fundus")
+    parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--pairs", nargs="+", required=True, help="SOURCE:TARGET pairs")
     parser.add_argument("--ckpt", nargs="*", default=[], help="SOURCE=FILE: another checkpoint for a source")
     parser.add_argument("--label", nargs="*", default=[], help="SOURCE=NAME: how the table names that model")

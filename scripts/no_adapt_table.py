@@ -1,7 +1,7 @@
 """The 3x3 No-Adapt table of docs/source_models.md: every shipped source model evaluated with evaluate.json on all
 images of every other domain (and the source-validation Dice read from the training logs' MLflow stores).
 
-    python scripts/no_adapt_table.py --dataset_dir ../shared/data/fundus --out outputs/no_adapt
+    python scripts/no_adapt_table.py --dataset_dir $DATA_DIR/fundus --out outputs/no_adapt
 
 Each cell is one `python -m monai.bundle run --config_file bundles/grata/configs/evaluate.json` (its
 metrics.json is kept under --out); the table is printed as markdown. Cells whose metrics.json exists are reused.
@@ -27,7 +27,7 @@ def evaluate(dataset_dir: str, datalist: str, source: str, target: str, out: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_dir", default="../shared/data/fundus")
+    parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--datalist", default=None, help="default: DATASET_DIR/datalist.json")
     parser.add_argument("--out", default="outputs/no_adapt")
     parser.add_argument("--device", default="cpu")

@@ -1,7 +1,7 @@
 """The tables and the figure of docs/results_spinalcord.md: the spinal-cord bundle's source models (one per training
 seed) adapted to the held-out sites' volumes by each method, per volume.
 
-    python scripts/spinalcord_results.py --dataset_dir ../shared/data/spinalcord --out outputs/spinalcord_results
+    python scripts/spinalcord_results.py --dataset_dir $DATA_DIR/spinalcord --out outputs/spinalcord_results
 
 Each cell is one `python -m monai.bundle run --config_file bundles/spinalcord_gm/configs/inference.json` (No Adapt
 and the method on the same volumes; its outputs are kept under --out and reused when its metrics.json exists). The
@@ -151,7 +151,7 @@ def figure(args: argparse.Namespace, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_dir", default="../shared/data/spinalcord")
+    parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--models", default="outputs")
     parser.add_argument("--out", default="outputs/spinalcord_results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -5,7 +5,7 @@ Spearman's rank correlation of the two orderings.
 
     python scripts/table1_vs_paper.py /root/stage/table1
 
-The paper's numbers are copied from ../shared/papers/grata_aaai2025.txt (Table 1, "Average" column); ours are read
+The paper's numbers are copied from the GraTa paper (AAAI 2025, Table 1, "Average" column); ours are read
 from the store with :func:`monai_grata.benchmark.compare.records_from_store`.
 """
 

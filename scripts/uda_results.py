@@ -1,6 +1,6 @@
 """docs/results_uda.md: source-only, UDA, UDA+GH and UDA+GH++ for both alignment losses on source -> target pairs.
 
-    python scripts/uda_results.py --dataset_dir ../shared/data/fundus --out outputs/uda_results
+    python scripts/uda_results.py --dataset_dir $DATA_DIR/fundus --out outputs/uda_results
 
 Each target domain is split once (by `--seed`) into an unlabelled adaptation half and a held-out evaluation half that
 training never sees (`train_uda.json`'s `target_eval_fraction`). Source-only is the shipped source model scored
@@ -65,7 +65,7 @@ def run_pair(args: argparse.Namespace, source: str, target: str) -> dict[str, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_dir", default="../shared/data/fundus")
+    parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--datalist", default=None, help="default: DATASET_DIR/datalist.json")
     parser.add_argument("--out", default="outputs/uda_results")
     parser.add_argument("--pairs", nargs="*", default=["refuge_train:drishti_gs", "drishti_gs:refuge_val"])

@@ -1,6 +1,6 @@
 """Benchmark test-time adaptation methods on source→target pairs, one MLflow run per cell, resumable.
 
-    python -m monai_grata.benchmark --dataset_dir ../shared/data/fundus \\
+    python -m monai_grata.benchmark --dataset_dir $DATA_DIR/fundus \\
         --sources drishti_gs refuge_train refuge_val --targets drishti_gs refuge_train refuge_val \\
         --methods none norm tent grata "norm:bn_prior=16" --seeds 0 1 2 --max_images 50 --output_dir outputs/bench
 

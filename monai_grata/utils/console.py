@@ -21,7 +21,7 @@ def quiet_console() -> None:
     :data:`QUIET_LOGGERS` are set to ``WARNING``; warnings and errors still show.
 
     MONAI's security notice that a bundle config runs code is printed before any config is read, out of reach
-    of this function: :mod:`monai_grata.utils.shipped_configs` leaves it out for the shipped bundles' configs.
+    of this function; a user silences it with Python's own warning filter (``docs/install.md``).
     """
     warnings.filterwarnings("ignore", message=r".*get_mask_edges.*always_return_as_numpy", category=FutureWarning)
     undefined_assd = r"the (prediction|ground truth) of class \d+ is all 0"

@@ -1,7 +1,7 @@
 """Train DeTTA's denoising decoder on a frozen source model's encoder features (blind-spot L1 loss).
 
 python -m monai_grata.utils.train_denoiser --ckpt_path bundles/grata/models/source_drishti_gs.pt \\
-    --dataset_dir ../shared/data/fundus --source drishti_gs --epochs 10 \\
+    --dataset_dir $DATA_DIR/fundus --source drishti_gs --epochs 10 \\
     --out_path bundles/grata/models/denoiser_drishti_gs.pt
 
 The denoiser is trained after the source model, on the same training split of the source domain (``split_train_val``,
