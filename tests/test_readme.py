@@ -1,20 +1,31 @@
-"""The README's commands use options the configs really have (a typo there costs a new user their first hour)."""
+"""The README and the docs a user reads first: commands with options the configs really have (a typo there costs a
+new user their first hour), links that resolve, the README's Python example, nothing that points at a folder a user
+does not have."""
 
+import glob
 import json
 import os
 import re
+import subprocess
+import sys
+import unicodedata
 
 import pytest
 
 from .conftest import CONFIG_DIR, REPO_ROOT
 
 BUNDLE_OPTIONS = {"config_file", "meta_file", "filepath", "run_id", "bundle_root", "logging_file", "args_file"}
+USER_DOCS = ("README.md", "docs/bundle.md", "docs/benchmark.md", "docs/install.md")
 
 
-def readme_commands(prefix: str) -> list[str]:
-    """The README's shell commands that start with ``prefix`` (continuation lines joined)."""
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
-        text = f.read().replace("\\\n", " ")
+def read(path: str) -> str:
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_commands(prefix: str, files: tuple[str, ...] = USER_DOCS) -> list[str]:
+    """The shell commands of the README and the first docs that start with ``prefix`` (continuation lines joined)."""
+    text = "\n".join(read(path) for path in files).replace("\\\n", " ")
     return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
 
 
@@ -54,3 +65,63 @@ def test_robustness_table_names_tests_that_exist():
     for module, name in named:
         with open(os.path.join(REPO_ROOT, "tests", module)) as f:
             assert f"def {name}(" in f.read(), f"{module}::{name}"
+
+
+def test_readme_is_read_in_two_minutes():
+    assert len(read("README.md").splitlines()) <= 120
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = unicodedata.normalize("NFC", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+@pytest.mark.parametrize(
+    "page",
+    ["README.md", *sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "docs", "*.md")))],
+)
+def test_relative_links_and_their_anchors_resolve(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", read(page)):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        assert os.path.exists(os.path.join(REPO_ROOT, resolved)), f"{page}: broken link {target}"
+        if anchor and resolved.endswith(".md"):
+            headings = re.findall(r"^#+ (.+)$", read(resolved), flags=re.MULTILINE)
+            assert anchor in {github_anchor(h) for h in headings}, f"{page}: no heading for #{anchor} in {resolved}"
+
+
+def test_no_user_facing_text_points_at_the_developers_workshop():
+    pages = [
+        "README.md",
+        *glob.glob(os.path.join(REPO_ROOT, "docs", "*.md")),
+        *glob.glob(os.path.join(REPO_ROOT, "bundles", "*", "docs", "README.md")),
+        *glob.glob(os.path.join(REPO_ROOT, "bundles", "*", "configs", "*.json")),
+    ]
+    for page in pages:
+        assert "../shared" not in read(page), f"{page} points at ../shared: use a data folder the user sets"
+
+
+def readme_python_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", read("README.md"), flags=re.DOTALL)
+    assert len(blocks) == 1, "the README has one Python example"
+    return blocks[0]
+
+
+def test_readme_python_example_is_short_and_uses_the_handler_in_a_monai_evaluator():
+    code = readme_python_example()
+    compile(code, "README.md", "exec")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
+    assert "SupervisedEvaluator(" in code and "TTAHandler(" in code
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs_as_written(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(readme_python_example() + '\nprint("dice", evaluator.state.metrics["dice"])\n')
+    run = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    dice = float(re.search(r"^dice (\S+)$", run.stdout, flags=re.MULTILINE).group(1))
+    assert 0.5 < dice <= 1.0
