@@ -197,3 +197,21 @@ def test_patch_adaptation_needs_a_sliding_window_inferer():
     engine, _, _ = sliding_evaluator(tiny_net_3d(), [whole])
     engine.run()
     assert whole.patches is None and len(whole.history) == 3
+
+
+@pytest.mark.parametrize("predict", ["before", "after"])
+def test_methods_that_predict_before_their_update_do_so_in_an_evaluator(predict):
+    from monai_grata.tta import Tent
+
+    reference = Tent(tiny_net(), lr=1e-1, predict=predict)
+    expected = [reference(batch["image"]) for batch in loader()]
+    handler = TTAHandler(method="tent", lr=1e-1, predict=predict)
+    engine = evaluator(tiny_net(), [handler])
+    preds = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
+    engine.run()
+    for got, want in zip(preds, expected, strict=True):
+        torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6)
+    after = Tent(tiny_net(), lr=1e-1, predict="after")
+    differs = [not torch.allclose(after(b["image"]), w, atol=1e-6) for b, w in zip(loader(), expected, strict=True)]
+    assert any(differs) == (predict == "before")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
+from monai.utils import CommonKeys
 from torch import nn
 
 from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter, resolve_method
@@ -16,6 +19,7 @@ from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter, resolve_m
 __all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
 
 STATS_KEY = "tta"
+logger = logging.getLogger(__name__)
 
 
 class TTAHandler:
@@ -33,6 +37,11 @@ class TTAHandler:
     windows of each volume, never the whole volume at once, and the evaluator's sliding-window forward then predicts
     every window with the adapted weights and the BatchNorm statistics of those patches
     (:class:`~monai_grata.tta.PatchAdaptation`; the design and its cost are in ``docs/volumes.md``).
+
+    Methods that predict before their update (``adapter.predict == "before"``: TENT, SAR, MedBN as their authors
+    run them): the logits the update was computed from replace the evaluator's prediction at its
+    ``FORWARD_COMPLETED`` event, before postprocessing and metrics. Patch adaptation has no whole-volume logits
+    before the update, so there the evaluator's prediction after the update stands (a warning says so).
 
     Args:
         adapter: a ready adapter whose ``model`` is the evaluator's network; or ``None`` to build one with
@@ -64,12 +73,17 @@ class TTAHandler:
         self.history: list[dict[str, torch.Tensor]] = []
         self._last_group: Any = None
         self._frozen = contextlib.ExitStack()
+        self._logits_before: torch.Tensor | None = None
+        self._forward_event = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._setup)
         engine.add_event_handler(Events.ITERATION_STARTED, self.adapt)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.publish)
         engine.add_event_handler(Events.COMPLETED, self._release)
+        with contextlib.suppress(ValueError):  # an engine without MONAI's iteration events has no forward to replace
+            engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._predict_before)
+            self._forward_event = True
 
     def _setup(self, engine: Engine) -> None:
         """Build the adapter on the evaluator's network (MONAI sets it after attaching handlers)."""
@@ -90,8 +104,16 @@ class TTAHandler:
         self.patches = (
             PatchAdaptation(self.adapter, inferer.roi_size, self.num_patches, inferer.overlap) if use_patches else None
         )
+        if self.adapter.predict == "before" and (self.patches is not None or not self._forward_event):
+            logger.warning(
+                "%s predicts before its update, but %s: the evaluator's prediction after the update is used",
+                type(self.adapter).__name__,
+                "patch adaptation has no whole-volume logits before it" if use_patches else "the engine has no "
+                "FORWARD_COMPLETED event",
+            )
         self.history = []
         self._last_group = None
+        self._logits_before = None
 
     def _maybe_reset(self, batch: Any) -> None:
         group = batch.get(self.reset_key) if isinstance(batch, dict) else None
@@ -108,13 +130,22 @@ class TTAHandler:
             engine.state.batch, engine.state.device, engine.non_blocking, **getattr(engine, "to_kwargs", {})
         )
         self._release()
-        if self.patches is None:
+        if self.patches is None and self.adapter.predict == "before" and self._forward_event:
+            self._logits_before = self.adapter(prepared[0])  # adapts; returns the logits the update started from
+            stats = self.adapter.last_stats
+        elif self.patches is None:
             stats = self.adapter.adapt_batch(prepared[0])
         else:  # the evaluator's forward, next, runs under the patches' statistics until ITERATION_COMPLETED
             stats = self.patches.adapt(prepared[0])
             self._frozen.enter_context(self.patches.frozen())
         engine.state.tta = stats
         self.history.append(stats)
+
+    def _predict_before(self, engine: Engine) -> None:
+        """Put the logits from before the update in place of the evaluator's prediction (``predict="before"``)."""
+        logits, self._logits_before = self._logits_before, None
+        if logits is not None and isinstance(engine.state.output, dict):
+            engine.state.output[CommonKeys.PRED] = logits
 
     def _release(self, engine: Engine | None = None) -> None:
         """Give BatchNorm back its own statistics after a patch-adapted iteration."""

@@ -14,6 +14,7 @@ from .batchnorm import source_prior_batch_norm, track_test_statistics
 
 __all__ = [
     "NORM_LAYERS",
+    "PREDICTION_ORDERS",
     "TTAdapter",
     "adapter_class",
     "adapter_names",
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+#: what ``adapter(x)`` returns: the prediction before or after the update on ``x``
+PREDICTION_ORDERS = ("before", "after")
 _REGISTRY: dict[str, type[TTAdapter]] = {}
 logger = logging.getLogger(__name__)
 
@@ -126,7 +129,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, snapshot: tuple[dict, l
 
 
 class TTAdapter(nn.Module):
-    """Base class of test-time adapters: ``adapter(x)`` adapts on ``x`` and returns the adapted logits.
+    """Base class of test-time adapters: ``adapter(x)`` adapts on ``x`` and returns its logits (by default from the
+    updated model; ``predict="before"``: those the update was computed from).
 
     A subclass implements :meth:`adapt` (one update on a batch, returning its statistics) and may override
     :meth:`configure_model`, :meth:`collect_params` and :meth:`build_optimizer`. The base class freezes
@@ -142,15 +146,26 @@ class TTAdapter(nn.Module):
             samples (:func:`~monai_grata.tta.source_prior_batch_norm`); ``math.inf``: with the source statistics.
         bn_momentum: with ``bn_prior`` > 0, how fast the prior follows the test stream: after each prediction the
             running statistics move by this fraction towards the batch's (0: the prior stays the source's).
+        predict: which prediction ``adapter(x)`` returns: ``"after"`` (the model updated on ``x`` predicts it) or
+            ``"before"`` (the logits of the forward the update's loss was computed from, as TENT, SAR and MedBN
+            return them; only methods that compute their loss through :meth:`loss_forward` have them, and a batch
+            whose update was skipped gets a fresh forward).
     """
 
     #: whether results depend on a random seed (a benchmark then runs several seeds)
     stochastic: bool = False
 
     def __init__(
-        self, model: nn.Module, episodic: bool = False, bn_prior: float = 0.0, bn_momentum: float = 0.0
+        self,
+        model: nn.Module,
+        episodic: bool = False,
+        bn_prior: float = 0.0,
+        bn_momentum: float = 0.0,
+        predict: str = "after",
     ) -> None:
         super().__init__()
+        if predict not in PREDICTION_ORDERS:
+            raise ValueError(f"predict must be one of {PREDICTION_ORDERS} (relative to the update), got {predict!r}")
         if not bn_prior >= 0:
             raise ValueError(f"bn_prior must be >= 0 (0: test statistics only, inf: source statistics), got {bn_prior}")
         if bn_momentum and not bn_prior:
@@ -162,7 +177,10 @@ class TTAdapter(nn.Module):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = self.build_optimizer(self.params)
-        self.episodic = episodic
+        self.episodic, self.predict = episodic, predict
+        #: with ``predict="before"``, inside :meth:`forward`: the detached logits of the batch's loss forward
+        self.logits_before: torch.Tensor | None = None
+        self._keep_logits_before = False
         self.last_stats: dict[str, torch.Tensor] = {}
         self.n_skipped = 0
         self.n_rolled_back = 0
@@ -186,6 +204,22 @@ class TTAdapter(nn.Module):
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run one update on the batch ``x``; return the step's statistics as 0-dim tensors."""
         raise NotImplementedError
+
+    def loss_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward of ``x`` that the update's loss is computed from (with gradients).
+
+        With ``predict="before"``, inside :meth:`forward`, the first such forward of a batch is its prediction: its
+        logits are kept, detached, in ``logits_before``, and it moves a following BatchNorm prior (``bn_momentum``)
+        as the prediction forward does with ``predict="after"``, so the prior moves once per batch either way.
+        Later forwards of the batch (e.g. SAR's at perturbed weights) are plain forwards.
+        """
+        if not self._keep_logits_before:
+            return self.model(x)
+        self._keep_logits_before = False
+        with track_test_statistics(self.model):
+            logits = self.model(x)
+        self.logits_before = logits.detach()
+        return logits
 
     def reset(self) -> None:
         """Restore the source weights and a fresh optimizer state, bit-exactly."""
@@ -221,7 +255,20 @@ class TTAdapter(nn.Module):
         return stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Adapt on ``x``, then return the logits of ``x`` from the updated model."""
-        self.adapt_batch(x)
+        """Adapt on ``x`` and return its logits: from the updated model (``predict="after"``), or those of the loss
+        forward before the update (``predict="before"``, no second forward).
+
+        A batch skipped for non-finite values gets a fresh forward. After a rolled-back update the loss forward's
+        logits are kept: they are the restored weights' prediction.
+        """
+        self.logits_before = None
+        self._keep_logits_before = self.predict == "before"
+        try:
+            self.adapt_batch(x)
+        finally:
+            self._keep_logits_before = False
+        logits, self.logits_before = self.logits_before, None
+        if logits is not None:
+            return logits
         with torch.no_grad(), record_function("tta/predict"), track_test_statistics(self.model):
             return self.model(x)

@@ -49,8 +49,14 @@ class DUA(TTAdapter):
     then the image is predicted in eval mode with the updated running statistics. Only the running statistics
     change; no weight is trained. Defaults (the authors' code): 64 copies, momentum 0.1, decay 0.94, floor 0.005.
 
-    The authors' loop scores the whole test set after every image and keeps the best step by test labels (an
-    oracle); this one adapts continually and predicts each image once, as every other method here.
+    As the authors run it, only the first ``max_updates`` test images (80) update the statistics; later images are
+    predicted with them, unchanged (jmiemirza/DUA, ``main.py``: ``--num_samples`` default 80; ``methods/dua.py``
+    adapts on images 1 to ``num_samples`` of the test set). Their loop also scores the whole test set after every
+    image and keeps the best step by test labels (an oracle); this one adapts continually and predicts each image
+    once, as every other method here.
+
+    After each call ``last_stats`` holds ``momentum``, that of the batch's last update (0 when no image of the batch
+    updated the statistics).
 
     Args:
         model: the source network (its running statistics adapted in place).
@@ -59,6 +65,8 @@ class DUA(TTAdapter):
         decay: the factor applied to the momentum per image.
         min_momentum: the floor added to the decayed momentum.
         pad_fraction: the random crop's padding as a fraction of the shorter side (DUA: 4 of 32 pixels).
+        max_updates: how many test images (since the source, or the last reset) update the statistics, counted per
+            sample of a batch (each patch, in patch adaptation); ``None``: every image.
         episodic: reset to the source statistics (and the momentum schedule) before every batch.
         seed: seed of the augmentations.
     """
@@ -73,11 +81,14 @@ class DUA(TTAdapter):
         decay: float = 0.94,
         min_momentum: float = 0.005,
         pad_fraction: float = 0.125,
+        max_updates: int | None = 80,
         episodic: bool = False,
         seed: int = 0,
     ) -> None:
         if n_augmentations < 2:
             raise ValueError(f"n_augmentations must be >= 2 (BatchNorm needs a batch), got {n_augmentations}")
+        if max_updates is not None and not int(max_updates) >= 0:
+            raise ValueError(f"max_updates must be >= 0 or None (every image), got {max_updates}")
         if not (0 < momentum <= 1 and 0 < decay <= 1 and 0 <= min_momentum < 1):
             raise ValueError(
                 f"need 0 < momentum <= 1, 0 < decay <= 1, 0 <= min_momentum < 1; got {momentum}, "
@@ -85,6 +96,7 @@ class DUA(TTAdapter):
             )
         self.n_augmentations, self.momentum, self.decay = int(n_augmentations), float(momentum), float(decay)
         self.min_momentum, self.pad_fraction, self.seed = float(min_momentum), float(pad_fraction), int(seed)
+        self.max_updates = None if max_updates is None else int(max_updates)
         super().__init__(model, episodic=episodic)
         self.steps = 0
         self._generator: torch.Generator | None = None
@@ -99,8 +111,11 @@ class DUA(TTAdapter):
 
     @torch.no_grad()
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        generator = self._random(x.device)
+        momentum = 0.0
         for image in x:
+            if self.max_updates is not None and self.steps >= self.max_updates:
+                break
+            generator = self._random(x.device)
             self.steps += 1
             momentum = self.momentum * self.decay**self.steps + self.min_momentum
             copies = dua_copies(image, self.n_augmentations, generator, self.pad_fraction)

@@ -19,7 +19,10 @@ class MedBN(Tent):
         mu = median over (batch, space) of each channel,   var = mean over (batch, space) of (x - mu)^2
 
     in the adapting forward and in the prediction alike. Defaults: Adam, lr 1e-4 (TENT's setting in GraTa's
-    benchmark); the median over a batch of one image is over its pixels.
+    benchmark); the median over a batch of one image is over its pixels. Like TENT, whose update MedBN runs,
+    ``adapter(x)`` returns by default the logits of the adapting forward, before the update (``predict="before"``;
+    the authors' script, hyejin-s/MedBN-robust-test-time-adpatation ``test_attack.py``, logs accuracies before
+    and after it).
 
     Args:
         model: the source network (adapted in place).
@@ -29,6 +32,8 @@ class MedBN(Tent):
         bn_prior: 0 (the paper: the batch's median statistics alone) or N > 0 (mixed with the source statistics,
             the source counted as N samples).
         bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        predict: ``"before"`` (TENT's order: the logits the loss was computed from) or ``"after"`` (a second
+            forward with the updated weights).
     """
 
     def configure_model(self, model: nn.Module) -> nn.Module:

@@ -12,10 +12,19 @@ from .base import TTAdapter, register_adapter
 
 __all__ = ["SAR", "pixel_entropy"]
 
+#: the authors' reset threshold 0.2 (``sar.py``, ``forward_and_adapt_sar``) as a fraction of the largest entropy of
+#: their 1000-class softmax, ln 1000
+AUTHORS_RESET_FRACTION = 0.2 / math.log(1000)
+
 
 def pixel_entropy(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor:
     """The entropy of each prediction: (B, C, *spatial) binary entropies of the channels (sigmoid), or
-    (B, *spatial) entropies of the class distribution (softmax)."""
+    (B, *spatial) entropies of the class distribution (softmax).
+
+    Args:
+        logits: network output (B, C, *spatial).
+        multilabel: sigmoid per channel (True) or softmax over channels (False).
+    """
     if multilabel:
         p = torch.sigmoid(logits)
         return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
@@ -25,39 +34,57 @@ def pixel_entropy(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor
 
 @register_adapter("sar")
 class SAR(TTAdapter):
-    """SAR baseline for segmentation: the reliable samples are pixels. Per batch:
+    """SAR baseline for segmentation: the reliable samples are pixels. Per batch, with K the number of outcomes of
+    each entropy (2 per sigmoid channel, C classes for softmax) so that every entropy lies in [0, ln K]:
 
     1. entropies E of the predictions (per pixel and channel for sigmoid, :func:`pixel_entropy`); keep those with
-       E < ``margin`` · ln(K) (K = 2 per sigmoid channel, C classes for softmax; ``margin`` 0.4);
+       E < ``margin`` · ln K (``margin`` 0.4: the authors' 0.4 · ln 1000);
     2. g = grad of their mean entropy; move the normalisation affine parameters to theta + rho · g / |g| (rho 0.05);
-    3. entropies there, of the pixels kept in 1, filtered again by the same margin; their mean's gradient steps
+    3. entropies there, of the pixels kept in 1, filtered again by the same threshold; their mean's gradient steps
        theta (SGD, momentum 0.9); that mean feeds an exponential moving average (0.9);
-    4. when the average falls below ``reset_constant`` (0.2), the model, optimizer and average are reset to the
-       source (the authors' model recovery).
+    4. when the average is below ``reset_constant`` · ln K, the model and optimizer are reset to the source (the
+       authors' model recovery).
 
-    A batch without any kept pixel makes no step. BatchNorm normalises with the batch's statistics.
+    As in the authors' code (mr-eggplant/SAR, ``sar.py``): the prediction returned is the logits of step 1's forward,
+    before the update (``predict="before"``); a batch without any kept pixel still takes the SGD step with zero
+    gradients (their mean over no sample), which moves the weights by the momentum alone; and the loss average
+    survives a reset (``SAR.forward`` assigns it again after ``reset()`` cleared it), so once it is below the
+    threshold every step is undone until it climbs back. ``reset()`` called from outside (a new target domain)
+    clears it. BatchNorm normalises with the batch's statistics.
 
-    Notes against the authors' setting: their ImageNet learning rate at batch size 1 is 2 · 0.00025 / 64 with
-    layer4 of the ResNet frozen; GraTa's paper gives no SAR learning rate, so lr 1e-3 (DomainAdaptor's and DLTTA's)
-    is the default and every normalisation layer adapts. The reset threshold 0.2 was set for 1000-class entropies
-    (at most ln 1000); a segmentation map of mostly confident pixels has a mean kept entropy well below it, so with
-    the defaults SAR resets after most steps (nearly episodic): set ``reset_constant`` 0 to never reset.
+    Scaled for segmentation: the authors' thresholds are 0.4 · ln 1000 (margin) and 0.2 (reset) for a 1000-class
+    softmax. A sigmoid pixel's entropy is at most ln 2, below 0.2 for any prediction more confident than 95 %, so
+    the unscaled 0.2 reset the model after every step (SAR scored what BatchNorm statistics alone score). Both
+    thresholds are therefore fractions of ln K: the reset's default is 0.2 / ln 1000 ≈ 0.029 of ln K (≈ 0.020 for
+    sigmoid outputs).
+
+    Learning rate: the authors scale it with the batch size, ``(0.00025 / 64) · bs · 2`` for their BatchNorm and
+    GroupNorm ResNet-50 at batch sizes below 32 (``main.py``, where ``args.lr`` is set per model; ``0.001 / 64 · bs``
+    for ViT-Base), i.e. 7.8e-6 at batch size 1, with ``layer4`` left out of the adapted parameters. That rate belongs
+    to one ImageNet sample's 1000-class entropy; GraTa's paper gives none for SAR. The default here, 1e-3 (the SGD
+    rate of DomainAdaptor and DLTTA in the same benchmark), is kept: on a fundus image (256 px, the REFUGE source
+    model) the gradient of the mean pixel entropy is small, so that over the first three images SGD at 7.8e-6 moves
+    the BatchNorm affine parameters by about 1e-9 on average (1e-7 at 1e-3; TENT's Adam at 1e-4: 2e-4) and SAR
+    would score what BatchNorm statistics alone score. Every normalisation layer adapts.
 
     After each call ``last_stats`` holds ``loss_aux`` (step 1's loss), ``loss_pseudo`` (step 3's), ``kept`` (the
-    fraction of entropies kept) and ``reset`` (1 when the model was reset after the step).
+    fraction of entropies kept) and ``reset`` (1 when the model was reset after the step); a batch without a kept
+    pixel reports only ``kept`` and ``reset``.
 
     Args:
         model: the source network (adapted in place).
         lr: SGD learning rate.
         momentum: SGD momentum.
         rho: the radius of the sharpness-aware perturbation.
-        margin: the reliability threshold as a fraction of ln(K).
-        reset_constant: the loss average below which the model is reset (0: never).
+        margin: the reliability threshold as a fraction of ln K.
+        reset_constant: the loss average below which the model is reset, as a fraction of ln K (0: never).
         ema: the decay of the loss average.
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
         bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
         bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        predict: ``"before"`` (the authors' order: the logits of step 1) or ``"after"`` (a second forward with the
+            updated weights).
     """
 
     def __init__(
@@ -67,57 +94,73 @@ class SAR(TTAdapter):
         momentum: float = 0.9,
         rho: float = 0.05,
         margin: float = 0.4,
-        reset_constant: float = 0.2,
+        reset_constant: float = AUTHORS_RESET_FRACTION,
         ema: float = 0.9,
         episodic: bool = False,
         multilabel: bool = True,
         bn_prior: float = 0.0,
         bn_momentum: float = 0.0,
+        predict: str = "before",
     ) -> None:
-        if not rho >= 0 or not margin > 0 or not 0 <= ema < 1:
-            raise ValueError(f"need rho >= 0, margin > 0 and 0 <= ema < 1, got {rho}, {margin}, {ema}")
+        if not rho >= 0 or not margin > 0 or not reset_constant >= 0 or not 0 <= ema < 1:
+            raise ValueError(
+                f"need rho >= 0, margin > 0, reset_constant >= 0 and 0 <= ema < 1, got {rho}, {margin}, "
+                f"{reset_constant}, {ema}"
+            )
         self.lr, self.momentum, self.rho, self.margin = float(lr), float(momentum), float(rho), float(margin)
         self.reset_constant, self.ema_decay, self.multilabel = float(reset_constant), float(ema), multilabel
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
+        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum, predict=predict)
         self.ema: float | None = None
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
-    def entropies(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The entropies of the predictions of ``x`` and the reliability threshold."""
-        logits = self.model(x)
-        classes = 2 if self.multilabel else logits.shape[1]
-        return pixel_entropy(logits, self.multilabel), self.margin * math.log(classes)
+    def log_classes(self, logits: torch.Tensor) -> float:
+        """ln K, the largest entropy of one prediction of ``logits``."""
+        return math.log(2 if self.multilabel else logits.shape[1])
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        entropy, threshold = self.entropies(x)
-        kept = entropy.detach() < threshold
-        if not bool(kept.any()):
-            return {"kept": torch.zeros(()), "reset": torch.zeros(())}
-        loss = entropy[kept].mean()
-        grads = torch.autograd.grad(loss, self.params)
+    def perturbed_loss(
+        self, x: torch.Tensor, grads: tuple[torch.Tensor, ...], kept: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Steps 2-3: the mean kept entropy at theta + rho · g / |g|, the entropies kept there, and its gradient
+        (taken at the perturbed point); the parameters are back at theta on return."""
         scale = self.rho / (torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) + 1e-12)
         source = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             torch._foreach_add_(self.params, [g * scale for g in grads])
-        entropy2 = self.entropies(x)[0][kept]
-        kept2 = entropy2.detach() < threshold
-        loss2 = entropy2[kept2].mean() if bool(kept2.any()) else entropy2.sum() * 0
-        grads2 = torch.autograd.grad(loss2, self.params)
+        entropy = pixel_entropy(self.model(x), self.multilabel)[kept]
+        kept2 = entropy.detach() < threshold
+        loss = entropy[kept2].mean() if bool(kept2.any()) else entropy.sum() * 0
+        grads2 = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
-            for p, s, g in zip(self.params, source, grads2, strict=True):
+            for p, s in zip(self.params, source, strict=True):
                 p.copy_(s)
-                p.grad = g
+        return loss, kept2, grads2
+
+    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.loss_forward(x)
+        log_k = self.log_classes(logits)
+        entropy = pixel_entropy(logits, self.multilabel)
+        kept = entropy.detach() < self.margin * log_k
+        stats = {"kept": kept.float().mean()}
+        if bool(kept.any()):
+            loss = entropy[kept].mean()
+            grads = torch.autograd.grad(loss, self.params)
+            loss2, kept2, grads2 = self.perturbed_loss(x, grads, kept, self.margin * log_k)
+            stats.update(loss_aux=loss.detach(), loss_pseudo=loss2.detach())
+            if bool(kept2.any()) and math.isfinite(value := float(loss2.detach())):
+                self.ema = value if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * value
+        else:  # the authors' mean over no pixel: zero gradients, no perturbation
+            grads2 = tuple(torch.zeros_like(p) for p in self.params)
+        for p, g in zip(self.params, grads2, strict=True):
+            p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if bool(kept2.any()) and math.isfinite(float(loss2)):
-            value = float(loss2)
-            self.ema = value if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * value
-        reset = self.ema is not None and self.ema < self.reset_constant
-        stats = {"loss_aux": loss.detach(), "loss_pseudo": loss2.detach(), "kept": kept.float().mean()}
+        reset = self.ema is not None and self.ema < self.reset_constant * log_k
         if reset:
+            ema = self.ema
             self.reset()
+            self.ema = ema
         return {**stats, "reset": torch.tensor(float(reset))}
 
     def reset(self) -> None:

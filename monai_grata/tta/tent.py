@@ -15,6 +15,10 @@ __all__ = ["Tent"]
 class Tent(TTAdapter):
     """TENT baseline: one Adam step on the entropy of the batch's prediction, BN on batch statistics.
 
+    As in the authors' code (DequanWang/tent, ``tent.py``: ``forward_and_adapt`` returns the outputs of the forward
+    its loss is computed from), ``adapter(x)`` returns the prediction *before* the update by default
+    (``predict="before"``), and the update serves the next batch.
+
     Args:
         model: the source network (adapted in place).
         lr: Adam learning rate (1e-4 in GraTa's benchmark).
@@ -22,6 +26,8 @@ class Tent(TTAdapter):
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
         bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
         bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        predict: ``"before"`` (the authors' order: the logits the loss was computed from) or ``"after"`` (a second
+            forward with the updated weights).
     """
 
     def __init__(
@@ -32,15 +38,16 @@ class Tent(TTAdapter):
         multilabel: bool = True,
         bn_prior: float = 0.0,
         bn_momentum: float = 0.0,
+        predict: str = "before",
     ) -> None:
         self.lr, self.multilabel = float(lr), multilabel
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
+        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum, predict=predict)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
 
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        loss = entropy_loss(self.model(x), self.multilabel)
+        loss = entropy_loss(self.loss_forward(x), self.multilabel)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
