@@ -7,34 +7,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_grata.transforms.views import IN_PLANE_3D, LAST_PLANE
+
 from .base import TTAdapter, register_adapter
 from .batchnorm import update_running_statistics
 
 __all__ = ["DUA", "dua_copies"]
 
 
-def dua_copies(image: torch.Tensor, n: int, generator: torch.Generator, pad_fraction: float = 0.125) -> torch.Tensor:
-    """``n`` augmented copies (n, C, *spatial) of one image (C, H, W): each a random crop of the zero-padded image
-    (DUA's ``RandomCrop(32, padding=4)``, the padding ``pad_fraction`` of the shorter side), flipped left-right
-    with probability 1/2 and rotated by a random multiple of 90° (of 180° for a non-square image).
+def _in_plane_axes(image: torch.Tensor, plane: tuple[int, int] | None) -> tuple[int, int]:
+    """The two in-plane axes of one image as negative axes: ``plane``, or by default the last two axes of a
+    (C, H, W) image and :data:`~monai_grata.transforms.views.IN_PLANE_3D` of a (C, H, W, D) volume."""
+    if image.ndim not in (3, 4):
+        raise ValueError(f"expected one image (C, H, W) or one volume (C, H, W, D), got shape {tuple(image.shape)}")
+    if plane is None:
+        return LAST_PLANE if image.ndim == 3 else IN_PLANE_3D
+    if len(plane) != 2:
+        raise ValueError(f"plane must be two spatial axes, got {plane}")
+    axes = []
+    for axis in plane:
+        if not -image.ndim <= int(axis) < image.ndim:
+            raise ValueError(f"plane axis {axis} is out of range for an image of shape {tuple(image.shape)}")
+        axes.append(int(axis) % image.ndim - image.ndim)
+    if -image.ndim in axes:
+        raise ValueError(f"plane {plane} includes the channel axis of an image of shape {tuple(image.shape)}")
+    if axes[0] == axes[1]:
+        raise ValueError(f"plane must be two different axes, got {plane}")
+    return axes[0], axes[1]
+
+
+def dua_copies(
+    image: torch.Tensor,
+    n: int,
+    generator: torch.Generator,
+    pad_fraction: float = 0.125,
+    plane: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``n`` augmented copies (n, C, *spatial) of one image (C, H, W) or volume (C, H, W, D), all in its plane
+    (H, W): each a random crop of the image zero-padded in that plane (DUA's ``RandomCrop(32, padding=4)``, the
+    padding ``pad_fraction`` of the plane's shorter side), flipped along the plane's second axis (the authors'
+    horizontal flip) with probability 1/2 and rotated in the plane by a random multiple of 90° (of 180° when the
+    plane is not square). The other axes, such as a volume's slice axis D, are left as they are: slice k of every
+    copy is an in-plane transform of the image's slice k.
 
     Args:
-        image: one image (C, H, W).
+        image: one image (C, H, W) or one volume (C, H, W, D).
         n: the number of copies.
         generator: the random generator (on the image's device's type, CPU for a CPU image).
-        pad_fraction: the padding of the random crop, as a fraction of the shorter side.
+        pad_fraction: the padding of the random crop, as a fraction of the plane's shorter side.
+        plane: the two in-plane axes of ``image`` (not its channel axis 0); default: the last two axes of an image,
+            :data:`~monai_grata.transforms.views.IN_PLANE_3D` (H, W) of a volume.
     """
-    h, w = image.shape[-2:]
+    rows, cols = _in_plane_axes(image, plane)
+    h, w = image.shape[rows], image.shape[cols]
     pad = max(1, round(pad_fraction * min(h, w)))
-    padded = F.pad(image, (pad, pad, pad, pad))
+    widths = [0] * (-2 * min(rows, cols))  # F.pad's (before, after) pairs, from the last axis backwards
+    for axis in (rows, cols):
+        widths[-2 * axis - 2 : -2 * axis] = [pad, pad]
+    padded = F.pad(image, widths)
     draws = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=generator.device).tolist()
     flips = torch.randint(0, 2, (n,), generator=generator, device=generator.device).tolist()
     turns = torch.randint(0, 4 if h == w else 2, (n,), generator=generator, device=generator.device).tolist()
     copies = []
     for (top, left), flip, turn in zip(draws, flips, turns, strict=True):
-        view = padded[..., top : top + h, left : left + w]
-        view = view.flip(-1) if flip else view
-        copies.append(torch.rot90(view, turn if h == w else 2 * turn, dims=(-2, -1)))
+        view = padded.narrow(rows, top, h).narrow(cols, left, w)
+        view = view.flip(cols) if flip else view
+        copies.append(torch.rot90(view, turn if h == w else 2 * turn, dims=(rows, cols)))
     return torch.stack(copies)
 
 
@@ -64,7 +102,10 @@ class DUA(TTAdapter):
         momentum: the initial momentum (before decay).
         decay: the factor applied to the momentum per image.
         min_momentum: the floor added to the decayed momentum.
-        pad_fraction: the random crop's padding as a fraction of the shorter side (DUA: 4 of 32 pixels).
+        pad_fraction: the random crop's padding as a fraction of the shorter in-plane side (DUA: 4 of 32 pixels).
+        plane: the two axes of each image (C, *spatial) that the copies are cropped, flipped and rotated in;
+            ``None``: the last two axes of a 2D image (C, H, W), the axial plane (H, W) of a volume (C, H, W, D)
+            (:data:`~monai_grata.transforms.views.IN_PLANE_3D`), so the slice axis D is never augmented.
         max_updates: how many test images (since the source, or the last reset) update the statistics, counted per
             sample of a batch (each patch, in patch adaptation); ``None``: every image.
         episodic: reset to the source statistics (and the momentum schedule) before every batch.
@@ -81,12 +122,15 @@ class DUA(TTAdapter):
         decay: float = 0.94,
         min_momentum: float = 0.005,
         pad_fraction: float = 0.125,
+        plane: tuple[int, int] | None = None,
         max_updates: int | None = 80,
         episodic: bool = False,
         seed: int = 0,
     ) -> None:
         if n_augmentations < 2:
             raise ValueError(f"n_augmentations must be >= 2 (BatchNorm needs a batch), got {n_augmentations}")
+        if plane is not None and (len(plane) != 2 or int(plane[0]) == int(plane[1])):
+            raise ValueError(f"plane must be two different spatial axes or None, got {plane}")
         if max_updates is not None and not int(max_updates) >= 0:
             raise ValueError(f"max_updates must be >= 0 or None (every image), got {max_updates}")
         if not (0 < momentum <= 1 and 0 < decay <= 1 and 0 <= min_momentum < 1):
@@ -97,6 +141,7 @@ class DUA(TTAdapter):
         self.n_augmentations, self.momentum, self.decay = int(n_augmentations), float(momentum), float(decay)
         self.min_momentum, self.pad_fraction, self.seed = float(min_momentum), float(pad_fraction), int(seed)
         self.max_updates = None if max_updates is None else int(max_updates)
+        self.plane = None if plane is None else (int(plane[0]), int(plane[1]))
         super().__init__(model, episodic=episodic)
         self.steps = 0
         self._generator: torch.Generator | None = None
@@ -118,7 +163,7 @@ class DUA(TTAdapter):
             generator = self._random(x.device)
             self.steps += 1
             momentum = self.momentum * self.decay**self.steps + self.min_momentum
-            copies = dua_copies(image, self.n_augmentations, generator, self.pad_fraction)
+            copies = dua_copies(image, self.n_augmentations, generator, self.pad_fraction, self.plane)
             if copies.device.type == "cpu" and copies.ndim == 4:
                 # oneDNN's NHWC convolutions run the 64-copy batch about 30 % faster on CPU (batch size 1: no gain)
                 copies = copies.contiguous(memory_format=torch.channels_last)
