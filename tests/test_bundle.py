@@ -281,6 +281,8 @@ def test_ctrl_c_leaves_no_running_run_and_no_partial_file(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", config("inference.json"), *args],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # the job must see Ctrl-C as a user's shell delivers it, whatever SIGINT handling this process inherited
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     stderr, started = [], threading.Event()
 

@@ -12,6 +12,15 @@ from ignite.engine import Engine, Events
 from monai_grata.engines import run_interruptibly
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler for each test, whatever this process inherited (a job started in the
+    background by a non-interactive shell inherits SIGINT ignored); the inherited handler is put back after."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 class InterruptOnDelete:
     """Sends SIGINT to this process from its finalizer, where Python drops a ``KeyboardInterrupt``."""
 
@@ -93,3 +102,37 @@ def test_outside_the_main_thread_it_is_a_plain_run():
     worker.start()
     worker.join()
     assert result["state"].iteration == 3
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A job launched with SIGINT ignored (``nohup cmd &`` in a script) is not made interruptible."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handlers_seen = []
+
+    def step(engine: Engine, batch: int) -> int:
+        handlers_seen.append(signal.getsignal(signal.SIGINT))
+        if engine.state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))
+        return batch
+
+    engine, errors = Engine(step), []
+    engine.add_event_handler(Events.EXCEPTION_RAISED, lambda e, error: errors.append(type(error).__name__))
+    state = run_interruptibly(engine, range(6))
+    assert state.iteration == 6 and errors == []
+    assert handlers_seen == [signal.SIG_IGN] * 6  # nothing was installed
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert len(engine._event_handlers[Events.ITERATION_COMPLETED]) == 0
+
+
+def test_another_handler_is_kept_and_receives_the_interrupt():
+    received = []
+
+    def custom_handler(signum: int, frame) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, custom_handler)
+    engine, completed, errors = engine_interrupted_at(2, in_finalizer=False)
+    state = run_interruptibly(engine, range(6))
+    assert state.iteration == 6 and completed == [1, 2, 3, 4, 5, 6] and errors == []
+    assert received == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is custom_handler

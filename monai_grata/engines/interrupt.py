@@ -21,8 +21,13 @@ def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
     main job). Here the first Ctrl-C only sets a flag; an ``ITERATION_COMPLETED`` handler, attached after every
     other, raises ``KeyboardInterrupt`` from the engine's own frame, so it goes through Ignite's
     ``EXCEPTION_RAISED`` handlers (the MLflow run ends ``FAILED``) after the current image is fully written and
-    logged. A second Ctrl-C interrupts at once. Outside the main thread (where a signal handler cannot be
-    installed), or where SIGINT already has a handler other than Python's default, this is a plain ``engine.run``.
+    logged. A second Ctrl-C interrupts at once.
+
+    Only Python's own SIGINT handler is replaced, and it is put back when the run ends, however it ends. Where SIGINT
+    is ignored (``SIG_IGN``, which a process inherits when a non-interactive shell starts it in the background, as
+    in ``nohup cmd &`` in a script, or after ``trap '' INT``), nothing is installed and the run stays
+    uninterruptible, as its launcher asked. Likewise where SIGINT has any other handler, and outside the main
+    thread (where a signal handler cannot be installed): these are a plain ``engine.run``.
 
     Args:
         engine: the Ignite engine (e.g. a MONAI ``SupervisedEvaluator``) to run.
@@ -33,7 +38,9 @@ def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
         What ``engine.run`` returns.
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
-    if not in_main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    previous_handler = signal.getsignal(signal.SIGINT)
+    # SIG_IGN included: a Ctrl-C the launcher made the job ignore stays ignored
+    if not in_main_thread or previous_handler is not signal.default_int_handler:
         return engine.run(*args, **kwargs)
     interrupted = threading.Event()
 
@@ -54,5 +61,5 @@ def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
             raise KeyboardInterrupt
         return result
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous_handler)
         check.remove()
