@@ -60,7 +60,11 @@ def is_affine(key: str) -> bool:
 def method_state(adapter) -> object:
     return {
         "diga": lambda a: a.prototypes,
-        "dltta": lambda a: len(a.memory),
+        "dltta": lambda a: (
+            len(a.memory),
+            [t.tolist() for t in a.adaptor.state_dict().values()],
+            [t.tolist() for _, mean, var in a.running_statistics for t in (mean, var)],
+        ),
         "sar": lambda a: a.ema,
         "dua": lambda a: a.steps,
     }.get(type(adapter).__name__.lower(), lambda a: None)(adapter)
@@ -89,6 +93,9 @@ def test_two_steps_change_only_what_the_method_adapts(name):
         assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
     elif name == "diga":  # backward-free: nothing persistent but its prototypes
         assert not moved and adapter.prototypes is not None and bool(adapter.exists.any())
+    elif name == "dltta":  # the network stays frozen; the adaptor inside it moves
+        fresh = build_adapter(name, sharp_net(), **OPTIONS[name]).adaptor.state_dict()
+        assert not moved and changed(fresh, adapter.adaptor.state_dict())
     else:  # normalisation affine parameters only
         assert moved and all(is_affine(k) for k in moved)
     if name == "dltta":  # the authors' warm-up: lr = base * entries, 0 for the first image

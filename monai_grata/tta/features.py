@@ -1,5 +1,5 @@
 """The per-pixel feature map a segmentation network classifies, read from its latest forward (for the methods that
-work on features: DIGA's prototypes, DLTTA's memory keys)."""
+work on features: DIGA's prototypes)."""
 
 from __future__ import annotations
 
