@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -556,6 +556,7 @@ def train_autoencoders(
     adaptor_layers: Sequence[str] | None = None,
     key_layer: str | None = None,
     max_iterations: int | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> FeatureAutoencoders:
     """Fit DLTTA's autoencoders to the source network's features on source images, as the authors' ``aenet`` stage
     does (models/basemodel.py ``opt_AENet``; scripts/train_oct.sh: 20 epochs, batches of 2): the network in eval mode
@@ -572,6 +573,7 @@ def train_autoencoders(
         adaptor_layers: as :class:`DLTTA` takes them.
         key_layer: as :class:`DLTTA` takes it.
         max_iterations: steps per epoch at most (short runs).
+        on_epoch: called after every epoch with its number (from 1) and the mean loss of its steps (e.g. to log it).
 
     Returns:
         The autoencoders, in eval mode; save them with :func:`save_autoencoders` (as :func:`default_autoencoder_path`
@@ -589,8 +591,8 @@ def train_autoencoders(
     optimizer = torch.optim.Adam(autoencoders.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     autoencoders.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
+    for epoch in range(1, epochs + 1):
+        order, losses = torch.randperm(len(images), generator=generator), []
         for step, start in enumerate(range(0, len(images), batch_size)):
             if max_iterations is not None and step >= max_iterations:
                 break
@@ -603,6 +605,9 @@ def train_autoencoders(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            losses.append(float(loss.detach()))
+        if on_epoch is not None:
+            on_epoch(epoch, sum(losses) / max(len(losses), 1))
     recorder.remove()
     return autoencoders.eval()
 
