@@ -19,6 +19,7 @@ from .batchnorm import (
     track_test_statistics,
     update_running_statistics,
 )
+from .calibration import per_batch_shifts, read_shift_threshold, shift_threshold
 from .detta import DeTTA, blind_spot, denoising_loss
 from .diga import DIGA
 from .dltta import DLTTA, symmetric_kl
@@ -33,7 +34,7 @@ from .norm import BatchNormStatistics, SelectedBatchNormStatistics
 from .patches import PatchAdaptation, patch_positions, sample_patches
 from .presets import PRESETS, resolve_method
 from .sar import SAR, pixel_entropy
-from .shift import batch_norm_shift
+from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
 from .tent import Tent
 
 __all__ = [
@@ -79,7 +80,12 @@ __all__ = [
     "track_test_statistics",
     "batch_statistics_weight",
     "batch_norm_shift",
+    "record_batch_norm_shift",
+    "SettleSchedule",
     "probabilities",
     "register_adapter",
     "resolve_method",
+    "per_batch_shifts",
+    "read_shift_threshold",
+    "shift_threshold",
 ]

@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 
@@ -70,13 +71,17 @@ def prune_checkpoints(directory: str, prefix: str = "last") -> list[str]:
     return stale
 
 
-def export_source_model(train_dir: str, out_path: str, which: str = "best") -> str:
-    """Write the best (or the last) checkpoint of a training run as a half-precision state dict.
+def export_source_model(train_dir: str, out_path: str, which: str = "best", calibrate: Mapping | None = None) -> str:
+    """Write the best (or the last) checkpoint of a training run as a half-precision state dict and, given the source
+    data, the shift gate's calibration beside it (``<stem>.shift.json``, :mod:`monai_grata.tta.calibration`).
 
     Args:
         train_dir: the output folder of a ``train.json`` run.
         out_path: where to write, e.g. ``bundles/grata/models/source_refuge_train.pt``.
         which: ``"best"`` (the best source-validation Dice) or ``"last"`` (the last epoch, as the authors keep).
+        calibrate: the arguments of :func:`~monai_grata.utils.calibrate_shift.calibrate_checkpoint` but the
+            checkpoint (``dataset_dir``, ``sources``, optionally ``config``, ``split``, ...), to calibrate the exported
+            weights; None: no calibration (a log line says how to make one).
 
     Returns:
         The checkpoint that was exported.
@@ -87,4 +92,11 @@ def export_source_model(train_dir: str, out_path: str, which: str = "best") -> s
     if chosen is None:
         raise FileNotFoundError(f"no {which} checkpoint in {train_dir!r}")
     save_half_precision(torch.load(chosen, map_location="cpu", weights_only=True), out_path)
+    if calibrate is None:
+        logger.info(f"no shift calibration written beside {out_path}: pass the source data to calibrate it")
+        return chosen
+    from monai_grata.utils.calibrate_shift import calibrate_checkpoint  # the bundle parser, only when calibrating
+
+    calibration = calibrate_checkpoint(out_path, **calibrate)
+    logger.info(f"shift gate calibrated: min_shift {calibration['min_shift']:.4f} -> {calibration['path']}")
     return chosen
