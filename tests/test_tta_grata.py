@@ -8,7 +8,7 @@ from torch import nn
 
 from monai_grata.networks.slicewise import SliceWise
 from monai_grata.transforms import StrongIntensityAug, weak_views
-from monai_grata.tta import ACTIVATIONS, GraTa, Tent, build_adapter, per_group_batch_norm
+from monai_grata.tta import ACTIVATIONS, GraTa, Tent, batch_norm_shift, build_adapter, per_group_batch_norm
 
 
 def tiny_net(out_channels: int = 2, norm: type = nn.BatchNorm2d) -> nn.Module:
@@ -33,14 +33,18 @@ def tiny_net(out_channels: int = 2, norm: type = nn.BatchNorm2d) -> nn.Module:
     return net
 
 
-def reference_grata(model: nn.Module, images: list[torch.Tensor], beta: float, seed: int) -> nn.Module:
-    """Algorithm 1 written out plainly: separate forwards per view, train-mode BN, Adam by hand."""
+def reference_grata(
+    model: nn.Module, images: list[torch.Tensor], beta: float, seed: int, steps: int = 1, reuse_teacher: bool = False
+) -> nn.Module:
+    """Algorithm 1 written out plainly: separate forwards per view, train-mode BN, Adam by hand; ``steps`` updates
+    per image, with ``reuse_teacher`` the teacher of an image's first update reused in its later ones."""
     model = copy.deepcopy(model).train()
     params = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
     strong = StrongIntensityAug(seed=seed)
     m1 = [torch.zeros_like(p) for p in params]
     m2 = [torch.zeros_like(p) for p in params]
-    for step, x in enumerate(images, start=1):
+    updates = [(x, first) for x in images for first in [True] + [False] * (steps - 1)]
+    for step, (x, first) in enumerate(updates, start=1):
         p = torch.sigmoid(model(x))
         entropy = -(p * torch.log(p + 1e-6)).sum(dim=1).mean()
         g_ent = torch.autograd.grad(entropy, params)
@@ -48,15 +52,16 @@ def reference_grata(model: nn.Module, images: list[torch.Tensor], beta: float, s
         with torch.no_grad():
             for q, g in zip(params, g_ent, strict=True):
                 q -= g
-            views = [
-                torch.sigmoid(model(x)),
-                torch.sigmoid(model(x.flip(-1))).flip(-1),
-                torch.sigmoid(model(x.flip(-2))).flip(-2),
-                torch.rot90(torch.sigmoid(model(torch.rot90(x, 1, (-2, -1)))), -1, (-2, -1)),
-                torch.rot90(torch.sigmoid(model(torch.rot90(x, 2, (-2, -1)))), -2, (-2, -1)),
-                torch.rot90(torch.sigmoid(model(torch.rot90(x, 3, (-2, -1)))), -3, (-2, -1)),
-            ]
-            teacher = sum(views) / 6
+            if first or not reuse_teacher:
+                views = [
+                    torch.sigmoid(model(x)),
+                    torch.sigmoid(model(x.flip(-1))).flip(-1),
+                    torch.sigmoid(model(x.flip(-2))).flip(-2),
+                    torch.rot90(torch.sigmoid(model(torch.rot90(x, 1, (-2, -1)))), -1, (-2, -1)),
+                    torch.rot90(torch.sigmoid(model(torch.rot90(x, 2, (-2, -1)))), -2, (-2, -1)),
+                    torch.rot90(torch.sigmoid(model(torch.rot90(x, 3, (-2, -1)))), -3, (-2, -1)),
+                ]
+                teacher = sum(views) / 6
         consistency = F.binary_cross_entropy_with_logits(model(strong(x)), teacher)
         g_con = torch.autograd.grad(consistency, params)
         a, b = torch.cat([g.flatten() for g in g_ent]), torch.cat([g.flatten() for g in g_con])
@@ -339,6 +344,139 @@ def test_min_shift_updates_only_while_the_stream_looks_shifted():
         GraTa(tiny_net(), bn_prior=16, min_shift=-1)
     with pytest.raises(ValueError, match="bn_prior 0 discards"):
         GraTa(tiny_net(), min_shift=0.2)
+
+
+def count_teacher_calls(adapter: GraTa) -> list[int]:
+    """Wrap ``adapter.teacher`` to count its calls; returns the one-element counter."""
+    calls, teacher = [0], adapter.teacher
+
+    def counted(x):
+        calls[0] += 1
+        return teacher(x)
+
+    adapter.teacher = counted
+    return calls
+
+
+def test_reuse_teacher_computes_the_teacher_once_per_batch():
+    images = [torch.rand(1, 3, 16, 16) for _ in range(2)]
+    once, once_reused = GraTa(tiny_net(), beta=1e-2, seed=5), GraTa(tiny_net(), beta=1e-2, seed=5, reuse_teacher=True)
+    for x in images:
+        once(x), once_reused(x)
+    assert all(torch.equal(a, b) for a, b in zip(once.params, once_reused.params, strict=True))  # steps=1: no change
+    source = tiny_net()
+    expected = reference_grata(source, images, beta=1e-2, seed=5, steps=3, reuse_teacher=True)
+    adapter = GraTa(copy.deepcopy(source), beta=1e-2, seed=5, steps=3, reuse_teacher=True)
+    recomputing = GraTa(copy.deepcopy(source), beta=1e-2, seed=5, steps=3)
+    calls, calls_recomputing = count_teacher_calls(adapter), count_teacher_calls(recomputing)
+    for x in images:
+        adapter(x), recomputing(x)
+    assert (calls[0], calls_recomputing[0]) == (2, 6)  # per image: 1 teacher instead of 3
+    assert adapter._batch_teacher is None  # nothing carried over to the next image
+    want = dict(expected.named_parameters())
+    for name, value in adapter.model.named_parameters():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(adapter.params, recomputing.params, strict=True))
+
+
+def count_forwards(adapter: GraTa) -> list[int]:
+    """Count the forwards of ``adapter.model`` (a batched forward of the weak views counts once)."""
+    calls = [0]
+    adapter.model.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 16, 16)
+    gated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=0.0, steps=2)
+    separate = batch_norm_shift(copy.deepcopy(gated.model), x)  # the forward the gate used to take
+    forwards = count_forwards(gated)
+    gated.adapt_batch(x)
+    # the same value as the separate forward's: same weights, same BatchNorm normalisation, read before each layer
+    torch.testing.assert_close(gated.last_stats["stream_shift"], separate, rtol=1e-6, atol=1e-7)
+    assert forwards[0] == 2 * 3  # per update: entropy, weak views (one batch), strong view; no gate forward
+    # the updates are those of the same GraTa without the gate (its first entropy forward is the one reused)
+    ungated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, steps=2)
+    ungated.adapt_batch(x)
+    assert all(torch.equal(a, b) for a, b in zip(gated.params, ungated.params, strict=True))
+    # a shut gate: that one forward, no update
+    shut = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=float(separate) * 2)
+    forwards = count_forwards(shut)
+    shut.adapt_batch(x)
+    assert forwards[0] == 1 and float(shut.last_stats["gate_open"]) == 0 and shut.n_updated == 0
+    # with the consistency loss as the auxiliary one there is no entropy forward at θ: a separate forward
+    swapped = GraTa(tiny_net(), aux="consistency", pseudo="entropy", bn_prior=16, min_shift=0.0)
+    forwards = count_forwards(swapped)
+    swapped.adapt_batch(x)
+    assert forwards[0] == 1 + 3
+    torch.testing.assert_close(swapped.last_stats["stream_shift"], separate, rtol=1e-6, atol=1e-7)
+    # a prior that follows the stream moves only in the prediction forward: each gate reading is the separate
+    # forward's at the weights and prior the batch starts from
+    following = GraTa(tiny_net(), beta=1e-2, bn_prior=16, bn_momentum=0.2, min_shift=0.0)
+    shifts = []
+    for batch in (x, x * 2 + 1):
+        shifts.append(batch_norm_shift(copy.deepcopy(following.model), batch))
+        following(batch)
+    torch.testing.assert_close(following.last_stats["stream_shift"], torch.stack(shifts).mean(), rtol=1e-6, atol=1e-7)
+
+
+def test_settle_updates_fewer_batches_until_the_shift_moves():
+    torch.manual_seed(2)
+    base = torch.rand(1, 3, 16, 16)
+    similar = [base + 0.01 * torch.randn_like(base) for _ in range(8)]
+    every = GraTa(tiny_net(), beta=1e-2, bn_prior=16)
+    settling = GraTa(tiny_net(), beta=1e-2, bn_prior=16, settle=2, settle_every=3, settle_tolerance=0.5)
+    skipped = []
+    for x in similar:
+        every(x), settling(x)
+        skipped.append(int(settling.last_stats["settled"]))
+    # updates on the first 2 batches, then on every 3rd: batches 1, 2, 5, 8
+    assert skipped == [0, 0, 1, 1, 0, 1, 1, 0]
+    assert (every.n_updated, settling.n_updated) == (8, 4)
+    # a batch far from the settled shift (a new site) resumes updates on every batch
+    far = base * 50 + 10
+    for x in [far, far + 0.01]:
+        settling(x)
+        assert float(settling.last_stats["settled"]) == 0 and "cos" in settling.last_stats
+    settling(far + 0.02)
+    assert float(settling.last_stats["settled"]) == 1  # settled again after 2 updates at the new site
+    settling.reset()
+    settling(base)
+    assert float(settling.last_stats["settled"]) == 0 and settling.settle_schedule.updates == 1
+    with pytest.raises(ValueError, match="bn_prior 0 discards"):
+        GraTa(tiny_net(), settle=2)
+    with pytest.raises(ValueError, match="settle_every"):
+        GraTa(tiny_net(), bn_prior=16, settle=2, settle_every=0)
+
+
+def test_settle_with_the_gate_counts_only_updates_the_gate_lets_through():
+    x = torch.rand(1, 3, 16, 16)
+    shut = GraTa(tiny_net(), bn_prior=16, min_shift=1e6, settle=1, settle_tolerance=1e6)
+    for _ in range(3):
+        shut(x)
+        assert float(shut.last_stats["gate_open"]) == 0 and float(shut.last_stats["settled"]) == 0
+    assert shut.n_updated == 0 and not shut.settle_schedule.settled
+
+
+def test_no_grad_dtype_runs_the_teacher_in_reduced_precision_and_keeps_float32_state():
+    x = torch.rand(1, 3, 16, 16)
+    full, reduced = GraTa(tiny_net(), beta=1e-2, seed=1), GraTa(tiny_net(), beta=1e-2, seed=1, no_grad_dtype="bfloat16")
+    teacher_full, teacher_reduced = full.teacher(x), reduced.teacher(x)
+    assert teacher_reduced.dtype == torch.float32
+    torch.testing.assert_close(teacher_reduced, teacher_full, rtol=0, atol=2e-2)
+    assert not torch.equal(teacher_reduced, teacher_full)
+    reduced(x)
+    assert all(p.dtype == torch.float32 for p in reduced.params)
+    assert all(v.dtype == torch.float32 for s in reduced.optimizer.state.values() for v in s.values() if v.ndim)
+    with pytest.raises(ValueError, match="no_grad_dtype"):
+        GraTa(tiny_net(), no_grad_dtype="int8")
+
+
+def test_teacher_channels_last_gives_the_same_teacher():
+    x = torch.rand(1, 3, 16, 16)
+    plain, nhwc = GraTa(tiny_net()), GraTa(tiny_net(), teacher_channels_last=True)
+    torch.testing.assert_close(nhwc.teacher(x), plain.teacher(x), rtol=0, atol=1e-6)
 
 
 # --- volumes: a 3D network and a 2D network applied slice by slice ---------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,9 +15,9 @@ from monai_grata.transforms import WEAK_VIEWS, WEAK_VIEWS_3D, StrongIntensityAug
 from .base import TTAdapter, register_adapter
 from .batchnorm import per_group_batch_norm
 from .losses import consistency_loss, entropy_loss, probabilities
-from .shift import batch_norm_shift
+from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
 
-__all__ = ["ACTIVATIONS", "GraTa"]
+__all__ = ["ACTIVATIONS", "NO_GRAD_DTYPES", "GraTa"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quadratic": lambda c: (c + 1) ** 2 / 4,
@@ -26,6 +27,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softplus": F.softplus,
 }
 LOSSES = ("entropy", "consistency")
+#: the reduced precisions the teacher's forward may run in (``no_grad_dtype``)
+NO_GRAD_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -77,11 +80,35 @@ class GraTa(TTAdapter):
         steps: updates per batch before the prediction (the paper: 1).
         min_shift: update only while the stream looks shifted: the mean, over the batches seen since the last
             reset, of :func:`~monai_grata.tta.batch_norm_shift` (how far each batch's BatchNorm inputs are from the
-            source running statistics; one extra forward per batch) must exceed ``min_shift``; otherwise the
-            batch is predicted without an update. The statistics then report ``stream_shift`` and ``gate_open``
-            (1 or 0). None (the paper): always update. In-domain fundus images
-            score about 0.04-0.15, the other sites' 0.25-0.39 (``docs/results.md``). Needs ``bn_prior`` > 0:
-            the shift is measured against the source running statistics, which the paper's setting discards.
+            source running statistics) must exceed ``min_shift``; otherwise the batch is predicted without an
+            update. The statistics then report ``stream_shift`` and ``gate_open`` (1 or 0). None (the paper):
+            always update. In-domain fundus images score about 0.04-0.15, the other sites' 0.25-0.39
+            (``docs/results.md``). Needs ``bn_prior`` > 0: the shift is measured against the source running
+            statistics, which the paper's setting discards. With ``aux="entropy"`` the shift is recorded during the
+            first update's entropy forward at θ (the same weights and BatchNorm normalisation as a separate
+            forward, so the same value), and a batch whose gate stays shut costs that one forward; with
+            ``aux="consistency"`` it takes a separate forward.
+        reuse_teacher: with ``steps`` > 1, compute the weak views' teacher once per batch (in its first update, at
+            that update's θ') and reuse it in the batch's later updates, instead of recomputing it at each
+            update's θ' (the paper's rule for one step). Saves ``steps`` - 1 teacher forwards of all weak views per
+            batch. Off by default.
+        settle: fewer updates once the stream has settled (:class:`~monai_grata.tta.shift.SettleSchedule`): after
+            ``settle`` updated batches, update only every ``settle_every``-th batch while each batch's shift
+            (:func:`~monai_grata.tta.batch_norm_shift`, measured as for ``min_shift``) stays within
+            ``settle_tolerance`` of the mean shift since the (re)start; a batch further away (a new site) and
+            :meth:`reset` resume updates on every batch. The statistics then report ``settled`` (1: the update
+            was left out). Needs ``bn_prior`` > 0. None (default): update on every batch the gate lets through.
+        settle_every: once settled, update on every ``settle_every``-th batch.
+        settle_tolerance: the largest distance of a batch's shift from the running mean that still counts as settled.
+        no_grad_dtype: run the teacher's forward (no gradient) under autocast in ``"bfloat16"`` or ``"float16"``;
+            the adapted parameters, the gradient passes and Adam's state stay float32, and the teacher's
+            probabilities are averaged in float32. None (default): float32. On CUDA this halves the teacher's
+            memory traffic; on a CPU without native bfloat16/float16 arithmetic (AVX2 only, no AVX512-BF16/AMX)
+            the forward is slower than in float32: about 25-40 times on an AVX2 AMD EPYC
+            (``docs/performance.md``, "Cutting the default's cost").
+        teacher_channels_last: forward the stacked weak views in ``torch.channels_last`` memory format, which
+            oneDNN's NHWC convolutions run faster on a CPU for this batch of six 256-px images (about 10 %,
+            ``docs/performance.md``); the same result up to float rounding. Off by default.
     """
 
     stochastic = True  # the strong view is random
@@ -107,6 +134,12 @@ class GraTa(TTAdapter):
         min_cos: float | None = None,
         steps: int = 1,
         min_shift: float | None = None,
+        reuse_teacher: bool = False,
+        settle: int | None = None,
+        settle_every: int = 4,
+        settle_tolerance: float = 0.25,
+        no_grad_dtype: str | None = None,
+        teacher_channels_last: bool = False,
     ) -> None:
         for name, value in (("aux", aux), ("pseudo", pseudo)):
             if value not in LOSSES:
@@ -125,8 +158,18 @@ class GraTa(TTAdapter):
             raise ValueError(f"min_shift must be >= 0 (or None: always update), got {min_shift}")
         if min_shift is not None and not bn_prior > 0:
             raise ValueError("min_shift reads the source running statistics, which bn_prior 0 discards: use bn_prior>0")
+        if settle is not None and not bn_prior > 0:
+            raise ValueError("settle reads the source running statistics, which bn_prior 0 discards: use bn_prior>0")
+        if no_grad_dtype is not None and no_grad_dtype not in NO_GRAD_DTYPES:
+            raise ValueError(f"no_grad_dtype must be one of {sorted(NO_GRAD_DTYPES)} or None, got {no_grad_dtype!r}")
         self.radius, self.min_cos, self.steps, self.min_shift = radius, min_cos, int(steps), min_shift
         self._shift_sum, self._shift_count = 0.0, 0
+        self.reuse_teacher, self.no_grad_dtype = bool(reuse_teacher), no_grad_dtype
+        self.teacher_channels_last = bool(teacher_channels_last)
+        self.settle_schedule = None if settle is None else SettleSchedule(settle, settle_every, settle_tolerance)
+        #: batches on which the update steps ran (not reset by :meth:`reset`)
+        self.n_updated = 0
+        self._batch_teacher: torch.Tensor | None = None
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
         super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
@@ -150,19 +193,32 @@ class GraTa(TTAdapter):
         """Mean probability of the weak views of ``x``, mapped back to the original frame."""
         views = self.weak_views(x)
         stacked = views(x)
-        if self.batch_views:
-            with per_group_batch_norm(self.model, views.num_views):
-                logits = self.model(stacked)
-        else:
-            logits = torch.cat([self.model(view) for view in stacked.chunk(views.num_views)])
+        if self.teacher_channels_last and stacked.ndim == 4:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        with self._no_grad_precision(x.device):
+            if self.batch_views:
+                with per_group_batch_norm(self.model, views.num_views):
+                    logits = self.model(stacked)
+            else:
+                logits = torch.cat([self.model(view) for view in stacked.chunk(views.num_views)])
         # the activation before the inverse: inverse() stacks views first, so dim 1 is no longer the channels
-        return views.inverse(probabilities(logits, self.multilabel)).mean(dim=0)
+        return views.inverse(probabilities(logits.float(), self.multilabel)).mean(dim=0)
+
+    def _no_grad_precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast to ``no_grad_dtype`` on ``device`` (a no-op without one)."""
+        if self.no_grad_dtype is None:
+            return contextlib.nullcontext()
+        if not torch.amp.is_autocast_available(device.type):
+            raise ValueError(f"no_grad_dtype {self.no_grad_dtype!r}: autocast is not available on {device.type}")
+        return torch.autocast(device.type, dtype=NO_GRAD_DTYPES[self.no_grad_dtype])
 
     def loss(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The named unsupervised loss of ``x`` at the current weights."""
         if name == "entropy":
             return entropy_loss(self.model(x), self.multilabel)
-        teacher = self.teacher(x)
+        teacher = self._batch_teacher if self._batch_teacher is not None else self.teacher(x)
+        if self.reuse_teacher:
+            self._batch_teacher = teacher
         return consistency_loss(self.model(self.strong_transform(x)), teacher, self.multilabel)
 
     def perturbation(self, grad_aux: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -175,32 +231,73 @@ class GraTa(TTAdapter):
     def reset(self) -> None:
         super().reset()
         self._shift_sum, self._shift_count = 0.0, 0
+        if self.settle_schedule is not None:
+            self.settle_schedule.reset()
 
     def stream_shift(self, x: torch.Tensor) -> float:
         """Add ``x``'s :func:`~monai_grata.tta.batch_norm_shift` to the stream's and return the stream's mean (the
         gate's one host read per batch)."""
-        self._shift_sum += float(batch_norm_shift(self.model, x))
+        return self._add_to_stream(batch_norm_shift(self.model, x))
+
+    def _add_to_stream(self, batch_shift: torch.Tensor) -> float:
+        self._shift_sum += float(batch_shift)
         self._shift_count += 1
         return self._shift_sum / self._shift_count
 
+    def _measure_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x``'s shift and, with ``aux="entropy"``, the logits of the forward at θ it was read from (the first
+        update's entropy forward, with gradients); otherwise the shift of a separate forward and None."""
+        if self.aux != "entropy":
+            with record_function("grata/shift"):
+                return batch_norm_shift(self.model, x), None
+        with record_function("grata/aux_gradient"), record_batch_norm_shift(self.model) as record:
+            logits = self.model(x)
+        return record.shift(), logits
+
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         stats: dict[str, torch.Tensor] = {}
-        shift = None if self.min_shift is None else self.stream_shift(x)
-        if shift is None or shift > self.min_shift:
-            for _ in range(self.steps):
-                stats = self.adapt_step(x)
+        gated, settling = self.min_shift is not None, self.settle_schedule is not None
+        logits = batch_shift = shift = None
+        if gated or settling:
+            batch_shift, logits = self._measure_shift(x)
+        if gated:
+            shift = self._add_to_stream(batch_shift)
+        gate_open = shift is None or shift > self.min_shift
+        settled = settling and not self.settle_schedule.wants_update(float(batch_shift))
+        if gate_open and not settled:
+            self._batch_teacher = None
+            try:
+                for _ in range(self.steps):
+                    stats = self.adapt_step(x, aux_logits=logits)
+                    logits = None  # later steps start from the updated weights
+            finally:
+                self._batch_teacher = None
+            self.n_updated += 1
+            if settling:
+                self.settle_schedule.record_update()
         else:
             stats = {"lr": torch.tensor(0.0)}
-        if shift is not None:
+        if gated:
             stats["stream_shift"] = torch.tensor(shift)
-            stats["gate_open"] = torch.tensor(float(shift > self.min_shift))
+            stats["gate_open"] = torch.tensor(float(gate_open))
+        if settling:
+            stats["settled"] = torch.tensor(float(settled))
         return stats
 
-    def adapt_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One update of Algorithm 1 on ``x``; returns its statistics as 0-dim tensors."""
+    def adapt_step(self, x: torch.Tensor, aux_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One update of Algorithm 1 on ``x``; returns its statistics as 0-dim tensors.
+
+        Args:
+            x: the batch.
+            aux_logits: with ``aux="entropy"``, the logits of a forward of ``x`` at the current weights, with
+                gradients, to take the entropy from instead of a new forward (None: a new forward).
+        """
         # the record_function ranges name the phases for benchmarks/tta_speed.py --breakdown
         with record_function("grata/aux_gradient"):
-            loss_aux = self.loss(self.aux, x)
+            if aux_logits is not None:
+                loss_aux = entropy_loss(aux_logits, self.multilabel)
+            else:
+                loss_aux = self.loss(self.aux, x)
             grad_aux = torch.autograd.grad(loss_aux, self.params)
         if self.align:
             source = [p.detach().clone() for p in self.params]
