@@ -529,7 +529,7 @@ def _resolve_autoencoders(
         if beside is None or not os.path.isfile(beside):
             logger.warning(
                 "DLTTA without trained autoencoders (none given%s): the reconstruction loss comes from untrained ones; "
-                "train them on the source images with monai_grata.tta.dltta.train_autoencoders",
+                "train them on the source images with python -m monai_grata.utils.train_dltta",
                 f", no {beside}" if beside else "",
             )
             with torch.random.fork_rng(devices=[]):
