@@ -156,7 +156,8 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert summary[3] == "Adaptation updated the weights on 8 of 8 batches."  # GraTa's paper lr is never 0
     assert summary[4].startswith(f"Outputs in {out}: masks/") and "overlays/" in summary[4]
     assert "mlflow ui --backend-store-uri sqlite:///" in summary[5] and len(summary) == 7
-    noises = ("parsing config_file", "get_mask_edges", "resuming from iteration", "new best metric", "metrics: ")
+    # MONAI's own notice that a config runs code ("parsing config_file ...") is MONAI's to print (docs/install.md)
+    noises = ("get_mask_edges", "resuming from iteration", "new best metric", "metrics: ")
     for noise in (*noises, "is all 0", "dice: "):
         assert noise not in run.stdout + run.stderr, noise
     overlays = sorted(os.listdir(os.path.join(out, "overlays")))
