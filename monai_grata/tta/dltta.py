@@ -144,6 +144,19 @@ def _spatial_size(t: object) -> int | None:
     return math.prod(t.shape[2:]) if torch.is_tensor(t) and t.ndim >= 3 else None
 
 
+def _probe_forward(model: nn.Module, probe: torch.Tensor, handles: list) -> None:
+    """One no-grad eval-mode forward of ``probe`` for the hooks in ``handles``; the hooks are removed and the
+    model's train/eval mode restored afterwards, whatever happens."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def _layer_runs(model: nn.Module, probe: torch.Tensor) -> tuple[list[_Run], float]:
     """The runs of every named module with a tensor output (at least one spatial axis), in the order they finish,
     and the clock at which the first upsampling module started (the decoder); a container that returns its last
@@ -169,14 +182,7 @@ def _layer_runs(model: nn.Module, probe: torch.Tensor) -> tuple[list[_Run], floa
         if name and not isinstance(module, SkipConnection):
             handles.append(module.register_forward_pre_hook(lambda m, args, n=name: before(n, args)))
             handles.append(module.register_forward_hook(lambda m, args, out, n=name: after(n, out)))
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _probe_forward(model, probe, handles)
     rise = min((run.start for run in runs if run.upsamples), default=math.inf)
     kept: list[_Run] = []
     for run in runs:
@@ -268,12 +274,7 @@ def _named_outputs(model: nn.Module, probe: torch.Tensor, names: Sequence[str]) 
     taken: dict[str, object] = {}
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: taken.setdefault(n, out)) for n in names]
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _probe_forward(model, probe, handles)
     bad = [n for n in names if not torch.is_tensor(taken.get(n)) or taken[n].ndim < 3]
     if bad:
         raise ValueError(f"{type(model).__name__}'s forward gives no feature map from {bad}: name other layers")
