@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
-from monai.utils import CommonKeys
 from torch import nn
 
 from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter, resolve_method
@@ -39,8 +37,8 @@ class TTAHandler:
     (:class:`~monai_grata.tta.PatchAdaptation`; the design and its cost are in ``docs/volumes.md``).
 
     Methods that predict before their update (``adapter.predict == "before"``: TENT, SAR, MedBN as their authors
-    run them): the logits the update was computed from replace the evaluator's prediction at its
-    ``FORWARD_COMPLETED`` event, before postprocessing and metrics. Patch adaptation has no whole-volume logits
+    run them): for that iteration the evaluator's inferer returns the logits the update was computed from, so
+    postprocessing and metrics see them and no second forward runs. Patch adaptation has no whole-volume logits
     before the update, so there the evaluator's prediction after the update stands (a warning says so).
 
     Args:
@@ -73,17 +71,13 @@ class TTAHandler:
         self.history: list[dict[str, torch.Tensor]] = []
         self._last_group: Any = None
         self._frozen = contextlib.ExitStack()
-        self._logits_before: torch.Tensor | None = None
-        self._forward_event = False
+        self._before = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._setup)
         engine.add_event_handler(Events.ITERATION_STARTED, self.adapt)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.publish)
         engine.add_event_handler(Events.COMPLETED, self._release)
-        with contextlib.suppress(ValueError):  # an engine without MONAI's iteration events has no forward to replace
-            engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._predict_before)
-            self._forward_event = True
 
     def _setup(self, engine: Engine) -> None:
         """Build the adapter on the evaluator's network (MONAI sets it after attaching handlers)."""
@@ -104,16 +98,16 @@ class TTAHandler:
         self.patches = (
             PatchAdaptation(self.adapter, inferer.roi_size, self.num_patches, inferer.overlap) if use_patches else None
         )
-        if self.adapter.predict == "before" and (self.patches is not None or not self._forward_event):
+        self._before = self.adapter.predict == "before" and self.patches is None and hasattr(engine, "inferer")
+        if self.adapter.predict == "before" and not self._before:
             logger.warning(
                 "%s predicts before its update, but %s: the evaluator's prediction after the update is used",
                 type(self.adapter).__name__,
                 "patch adaptation has no whole-volume logits before it" if use_patches else "the engine has no "
-                "FORWARD_COMPLETED event",
+                "inferer",
             )
         self.history = []
         self._last_group = None
-        self._logits_before = None
 
     def _maybe_reset(self, batch: Any) -> None:
         group = batch.get(self.reset_key) if isinstance(batch, dict) else None
@@ -130,8 +124,8 @@ class TTAHandler:
             engine.state.batch, engine.state.device, engine.non_blocking, **getattr(engine, "to_kwargs", {})
         )
         self._release()
-        if self.patches is None and self.adapter.predict == "before" and self._forward_event:
-            self._logits_before = self.adapter(prepared[0])  # adapts; returns the logits the update started from
+        if self._before:  # adapts; the evaluator's forward, next, returns the logits the update started from
+            self._frozen.enter_context(_inferer_returning(engine, self.adapter(prepared[0])))
             stats = self.adapter.last_stats
         elif self.patches is None:
             stats = self.adapter.adapt_batch(prepared[0])
@@ -141,14 +135,9 @@ class TTAHandler:
         engine.state.tta = stats
         self.history.append(stats)
 
-    def _predict_before(self, engine: Engine) -> None:
-        """Put the logits from before the update in place of the evaluator's prediction (``predict="before"``)."""
-        logits, self._logits_before = self._logits_before, None
-        if logits is not None and isinstance(engine.state.output, dict):
-            engine.state.output[CommonKeys.PRED] = logits
-
     def _release(self, engine: Engine | None = None) -> None:
-        """Give BatchNorm back its own statistics after a patch-adapted iteration."""
+        """Undo what an iteration set up for the evaluator's forward (the patches' BatchNorm statistics, or the
+        inferer that returns the logits from before the update)."""
         self._frozen.close()
 
     def publish(self, engine: Engine) -> None:
@@ -158,6 +147,17 @@ class TTAHandler:
         for item in output if isinstance(output, (list, tuple)) else [output]:
             if isinstance(item, dict):
                 item[STATS_KEY] = engine.state.tta
+
+
+@contextlib.contextmanager
+def _inferer_returning(engine: Engine, logits: torch.Tensor):
+    """Within the block, the engine's inferer returns ``logits`` instead of running the network."""
+    inferer = engine.inferer
+    engine.inferer = lambda inputs, network, *args, **kwargs: logits
+    try:
+        yield
+    finally:
+        engine.inferer = inferer
 
 
 class GraTaHandler(TTAHandler):
