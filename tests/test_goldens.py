@@ -1,7 +1,7 @@
 """The main jobs' per-image Dice on the shipped samples, pinned before a refactoring so that only the code moves.
 
-Each case runs a bundle's ``inference.json`` as a user does (the fundus cases at 128 px, to keep them cheap) and
-compares every image's Dice with
+Each case runs a bundle's ``inference.json`` as a user does (the fundus cases on three images of each target domain
+of the sample, to keep them cheap) and compares every image's Dice with
 ``tests/goldens/main_job.json`` to 1e-4. A change that is meant to move a result (a bug fix) re-records the goldens
 with ``python -m tests.test_goldens [case ...]`` from the repository root and says why in its commit.
 """
@@ -10,21 +10,24 @@ import csv
 import hashlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 from .conftest import REPO_ROOT
-from .test_bundle import assert_ok, run_config
+from .test_bundle import assert_ok
 
 pytestmark = pytest.mark.slow  # each case runs `python -m monai.bundle` in a subprocess
 
 GOLDENS = os.path.join(REPO_ROOT, "tests", "goldens", "main_job.json")
+#: three images of each fundus target domain of the sample (the main job's source is refuge_train)
+FUNDUS_DATALIST = os.path.join(REPO_ROOT, "tests", "goldens", "fundus_datalist.json")
 FUNDUS = os.path.join(REPO_ROOT, "bundles", "grata", "configs")
 SPINALCORD = os.path.join(REPO_ROOT, "bundles", "spinalcord_gm", "configs")
 CASES = {
     **{
-        f"grata:{m}": (FUNDUS, {"method": m, "image_size": 128})
+        f"grata:{m}": (FUNDUS, {"method": m, "datalist": FUNDUS_DATALIST})
         for m in ("none", "default", "paper", "source_prior", "tent", "dua", "diga", "sar")
     },
     "spinalcord_gm:default": (SPINALCORD, {}),
@@ -40,7 +43,10 @@ def run_case(case: str, output_dir: str) -> dict:
         output_dir: where the job writes its masks and reports.
     """
     config_dir, overrides = CASES[case]
-    assert_ok(run_config("inference.json", config_dir, output_dir=output_dir, overlays=False, **overrides))
+    options = {"output_dir": output_dir, "overlays": False, "device": "cpu", **overrides}
+    args = [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(config_dir, "inference.json")]
+    assert_ok(subprocess.run([*command, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800))
     with open(os.path.join(output_dir, "per_image.csv")) as f:
         rows = list(csv.DictReader(f))
     dice = {}
