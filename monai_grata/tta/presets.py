@@ -15,9 +15,10 @@ Precedence (:func:`resolve_method`), lowest first:
 
 An option the user did not set is ``None`` (the bundle configs' top-level options are ``null``) and takes no part;
 so ``--method default --beta 1e-4`` runs beta 1e-4, whatever the constructor's default is. Options whose
-meaningful values include ``None`` (GraTa's ``radius``, ``min_cos``, ``min_shift``) cannot be switched off from
-the command line this way: set them in the bundle's ``adapter_kwargs`` (``--adapter_kwargs#grata#min_shift
-None``) or pick a method that does not set them (``--method paper``).
+meaningful values include ``None`` (GraTa's ``radius``, ``min_cos``, ``min_shift``) cannot be set back to ``None``
+from the command line (MONAI's command line drops a ``None`` value, too): pick a method that does not set them
+(``--method grata --bn_prior 256 --beta 1e-3 --steps 3`` is ``default`` without the gate), or write ``null`` for
+them in the bundle config's ``adapter_kwargs``.
 """
 
 from __future__ import annotations
