@@ -176,7 +176,7 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     run_id, params = runs[0].info.run_id, runs[0].data.params
     assert params["method"] == "paper" and params["adapter"] == "grata"  # the paper preset runs GraTa
     assert params["target"] == "drishti_gs" and params["beta"] == "0.001"
-    assert "'bn_prior': 0.0" in params["adapter_options"]
+    assert params["bn_prior"] == "0.0" and params["steps"] == "1"  # every option as it ran, one param each
     assert runs[0].data.metrics["dice_mean"] == pytest.approx(metrics["dice_mean"])
     assert len(client.get_metric_history(run_id, "cos")) == 8
     assert len(client.get_metric_history(run_id, "stream/dice_od")) == 8
@@ -188,6 +188,19 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert (row["metrics.cos_min"], row["metrics.cos_median"], row["metrics.cos_max"]) == (cos[0], cos[3], cos[-1])
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "metrics.json", "per_image.csv", "stream.png"} <= artifacts
+
+
+@pytest.mark.parametrize("overrides,beta", [({"beta": 1e-4}, "0.0001"), ({}, "0.001")])
+def test_inference_logs_the_options_that_ran(overrides, beta, tmp_path):
+    # preset < bundle config < command line: `--method default --beta 1e-4` runs (and logs) 1e-4, although
+    # 1e-4 is also GraTa's own default; without --beta the preset's 1e-3 runs
+    out = str(tmp_path / "out")
+    assert_ok(run_config("inference.json", method="default", max_images=2, output_dir=out, **overrides, **SMALL))
+    runs, _ = mlflow_runs(out, "grata_inference")
+    params = runs[0].data.params
+    assert params["method"] == "default" and params["adapter"] == "grata" and params["beta"] == beta
+    assert (params["steps"], params["min_shift"], params["bn_prior"]) == ("3", "0.18", "256.0")
+    assert "tent_lr" not in params and "lr" not in params  # nothing that did not run
 
 
 def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):

@@ -52,6 +52,7 @@ def test_main_job_adapts_the_sample_and_writes_nifti_on_each_input_grid(tmp_path
     runs, client = mlflow_runs(str(out), "spinalcord_inference")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["method"] == "grata" and runs[0].data.params["num_patches"] == "4"
+    assert runs[0].data.params["adapter"] == "grata" and runs[0].data.params["multilabel"] == "False"  # as it ran
     assert "dice_mean" in runs[0].data.metrics and client.get_metric_history(runs[0].info.run_id, "cos")
 
 

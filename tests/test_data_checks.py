@@ -15,6 +15,7 @@ from monai_grata.data import (
     check_inputs,
     check_loader,
     domain_datalist,
+    exit_on_bad_input,
     report_bad_input_briefly,
 )
 
@@ -33,6 +34,21 @@ def test_missing_input_is_a_file_not_found_error(tmp_path):
     with pytest.raises(MissingInputError) as info:
         domain_datalist(str(tmp_path), "site", str(tmp_path / "absent.json"))
     assert isinstance(info.value, FileNotFoundError)
+
+
+def test_exit_on_bad_input_ends_with_one_line_and_lets_other_errors_pass():
+    @exit_on_bad_input()
+    def step(error):
+        try:  # a bundle config wraps the error of an expression in its own
+            raise error
+        except Exception as err:
+            raise RuntimeError("Failed to evaluate") from err
+
+    with pytest.raises(SystemExit) as info:
+        step(BadInputError("image a.png: unreadable"))
+    assert info.value.code == "error: image a.png: unreadable" and info.value.__cause__ is None
+    with pytest.raises(RuntimeError):
+        step(KeyError("x"))
 
 
 def test_bad_input_is_reported_in_one_line_without_traceback(monkeypatch):

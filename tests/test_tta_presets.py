@@ -1,9 +1,9 @@
 import pytest
 from monai.networks.nets import UNet
 
-from monai_grata.tta import PRESETS, adapter_names, build_adapter, resolve_method
+from monai_grata.tta import PRESETS, adapter_names, build_adapter, effective_options, resolve_method
 
-KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False, "bn_prior": 0.0}}
+KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False}}
 
 
 def test_presets_name_registered_methods():
@@ -18,28 +18,42 @@ def test_paper_preset_is_grata_with_the_bundle_settings_and_method_names_pass_th
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_a_preset_fixes_its_own_options_over_the_bundle_ones(name):
-    method, options = resolve_method(name, KWARGS)
+def test_a_preset_sets_its_own_options(name):
+    method, options = resolve_method(name)
     assert method == PRESETS[name]["method"]
     assert {k: options[k] for k in PRESETS[name]["options"]} == PRESETS[name]["options"]
 
 
 def test_the_default_is_the_gated_grata_and_source_prior_the_statistics_alone():
     assert PRESETS["default"] == PRESETS["grata_gated"]
-    assert resolve_method("source_prior", KWARGS) == ("norm", {"episodic": False, "bn_prior": 256.0})
+    assert resolve_method("source_prior", KWARGS) == ("norm", {"bn_prior": 256.0, "episodic": False})
 
 
 @pytest.mark.parametrize("name", ["default", "grata_gated"])
-def test_the_gated_preset_builds_a_gated_grata_over_the_bundle_settings(name):
-    method, options = resolve_method(name, KWARGS)
+def test_the_gated_preset_builds_a_gated_grata(name):
+    method, options = resolve_method(name, {"grata": {"seed": 1}})
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
     assert (adapter.min_shift, adapter.steps, adapter.beta) == (0.18, 3, 1e-3)
 
 
-def test_options_the_user_changed_win_over_a_preset():
-    # the bundle passes every option; those left at the adapter's default give way to the preset, the others win
-    kwargs = {"grata": {"beta": 1e-4, "bn_prior": 0.0, "min_shift": 0.3, "steps": 1, "seed": 5}}
-    method, options = resolve_method("grata_gated", kwargs)
-    assert method == "grata" and options == {"beta": 1e-3, "bn_prior": 256.0, "min_shift": 0.3, "steps": 3, "seed": 5}
-    assert resolve_method("grata_gated", {"grata": {"bn_prior": 64.0}})[1]["bn_prior"] == 64.0
+def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
+    # the bundle's explicit choice beats the preset; what the user passed beats both; None means "not set"
+    bundle = {"grata": {"seed": 5, "bn_prior": 64.0}}
+    command_line = {"beta": 1e-4, "steps": None, "min_shift": 0.3}
+    method, options = resolve_method("default", bundle, command_line)
+    assert method == "grata"
+    assert options == {"beta": 1e-4, "bn_prior": 64.0, "steps": 3, "min_shift": 0.3, "seed": 5}
+
+
+def test_a_value_equal_to_the_constructor_default_still_wins_over_the_preset():
+    # --method default --beta 1e-4: 1e-4 is GraTa's own default, and still what runs
+    assert resolve_method("default", {}, {"beta": 1e-4})[1]["beta"] == 1e-4
+    assert resolve_method("default", {}, {"beta": None})[1]["beta"] == 1e-3
+    assert resolve_method("default", {"grata": {"min_shift": None}})[1]["min_shift"] is None  # the bundle's choice
+
+
+def test_effective_options_are_the_constructor_defaults_updated():
+    options = effective_options("grata", resolve_method("default")[1])
+    assert options["beta"] == 1e-3 and options["steps"] == 3 and options["aux"] == "entropy"
+    assert effective_options("grata", {})["beta"] == 1e-4 and "model" not in options

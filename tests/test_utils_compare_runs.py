@@ -60,3 +60,12 @@ def test_baseline_deltas_per_domain_columns_and_only_applicable_params(store):
     assert "site_a" not in format_table(rows, ["method"], ["dice_mean"], per_domain=False)
     with pytest.raises(ValueError, match="--baseline: no run named 'nothing'"):
         format_table(rows, ["method"], ["dice_mean"], "nothing")
+
+
+def test_a_preset_run_shows_the_options_of_the_adapter_it_ran(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("grata_inference")
+    params = {"method": "default", "adapter": "grata", "beta": "0.001"}
+    log_run(client, experiment, "default_run", params, {"dice_mean": 0.8}, "FINISHED")
+    table = format_table(collect_runs([str(tmp_path)]), ["method", "adapter", "beta"], ["dice_mean"])
+    assert "| default_run | FINISHED | default | grata | 0.001 | 0.8 |" in table

@@ -4,6 +4,7 @@ from .checks import (
     MissingInputError,
     check_inputs,
     check_loader,
+    exit_on_bad_input,
     report_bad_input_briefly,
 )
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
@@ -21,6 +22,7 @@ __all__ = [
     "domain_datalist",
     "folder_datalist",
     "fundus_preprocessing",
+    "exit_on_bad_input",
     "report_bad_input_briefly",
     "split_train_val",
     "target_datalist",

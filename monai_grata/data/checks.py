@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from monai.transforms import LoadImaged
@@ -18,6 +19,7 @@ __all__ = [
     "MissingInputError",
     "check_inputs",
     "check_loader",
+    "exit_on_bad_input",
     "report_bad_input_briefly",
 ]
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 class BadInputError(ValueError):
     """A problem with the user's data or options, stated in one line that names the file (or option) and what
-    to change; :func:`report_bad_input_briefly` prints it without a traceback."""
+    to change; inside :func:`exit_on_bad_input` it ends the program as that one line, without a traceback."""
 
 
 class MissingInputError(BadInputError, FileNotFoundError):
@@ -171,10 +173,33 @@ def _bad_input(error: BaseException | None) -> BadInputError | None:
     return None
 
 
+@contextlib.contextmanager
+def exit_on_bad_input() -> Iterator[None]:
+    """Within the block (or the decorated function), a :class:`BadInputError`, also one that caused another
+    exception (MONAI wraps errors raised in a bundle config), ends the program with the one line
+    ``error: <message>`` and no traceback, by raising ``SystemExit``; every other exception passes unchanged.
+    For the steps of a bundle job that check what the user gave (:mod:`monai_grata.engines.inference`), never
+    for library functions, which raise :class:`BadInputError` for their caller to handle.
+
+    Example::
+
+        @exit_on_bad_input()
+        def job_step(path): ...
+    """
+    try:
+        yield
+    except Exception as error:
+        bad = _bad_input(error)
+        if bad is None:
+            raise
+        raise SystemExit(f"error: {bad}") from None
+
+
 def report_bad_input_briefly(stream=None) -> Callable:
     """Install a ``sys.excepthook`` that prints a :class:`BadInputError` (also when it is the cause of another
     exception, as in a bundle config expression) as one line, ``error: <message>``, without the traceback;
-    every other exception keeps Python's usual report. The bundle configs call it first in ``initialize``.
+    every other exception keeps Python's usual report. The training and evaluation configs call it first in
+    ``initialize``; the main job (``inference.json``) does not need it (:func:`exit_on_bad_input`).
 
     Args:
         stream: where to print (default ``sys.stderr`` at the time of the error).

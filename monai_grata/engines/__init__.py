@@ -1,12 +1,30 @@
+from .inference import (
+    JobInputs,
+    inference_handlers,
+    job_adapter,
+    job_inputs,
+    prepare_output_dir,
+    run_name,
+    run_params,
+    source_network,
+)
 from .interrupt import run_interruptibly
 from .uda_trainer import UDATrainer
 from .utils import ChannelsLastPrepareBatch, average_gradients, channel_output, mean_over_ranks
 
 __all__ = [
     "ChannelsLastPrepareBatch",
+    "JobInputs",
     "UDATrainer",
     "average_gradients",
     "channel_output",
+    "inference_handlers",
+    "job_adapter",
+    "job_inputs",
+    "prepare_output_dir",
+    "run_name",
+    "run_params",
+    "source_network",
     "mean_over_ranks",
     "run_interruptibly",
 ]

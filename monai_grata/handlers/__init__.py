@@ -2,6 +2,7 @@ from .harmonization import HARMONIZATION_KEYS, HarmonizationReport, harmonizatio
 from .metrics_report import MetricsReport
 from .mlflow_resume import ResumableMLFlowHandler
 from .mlflow_run import MLFlowRunHandler
+from .no_adapt import NoAdaptReference
 from .stream_report import StreamReport
 from .summary import RunSummary
 from .surface_distance import PhysicalSurfaceDistance, voxel_spacing
@@ -13,6 +14,7 @@ __all__ = [
     "HarmonizationReport",
     "MLFlowRunHandler",
     "MetricsReport",
+    "NoAdaptReference",
     "PhysicalSurfaceDistance",
     "ResumableMLFlowHandler",
     "RunSummary",

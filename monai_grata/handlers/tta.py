@@ -45,7 +45,8 @@ class TTAHandler:
         adapter: a ready adapter whose ``model`` is the evaluator's network; or ``None`` to build one with
             ``method`` and ``adapter_kwargs`` around ``network`` (default: the evaluator's network).
         method: a registered adapter name or a preset (:data:`~monai_grata.tta.PRESETS`: ``"default"``,
-            ``"paper"``, ...), used when ``adapter`` is ``None``; options given here win over a preset's.
+            ``"paper"``, ...), used when ``adapter`` is ``None``; options given here win over a preset's
+            (:func:`~monai_grata.tta.resolve_method`; ``None`` means "not set").
         network: the network to adapt when building the adapter.
         reset_key: a batch key (e.g. ``"domain"``): the adapter is reset to the source weights whenever its
             value changes, so each target domain starts from the source model (continual within a domain).
@@ -86,8 +87,8 @@ class TTAHandler:
             target = self.network if self.network is not None else network
             if target is None:
                 raise ValueError("no network to adapt: pass `adapter` or `network`, or attach to a SupervisedEvaluator")
-            name, options = resolve_method(self.method)
-            self.adapter = build_adapter(name, target, **{**options, **self.adapter_kwargs})
+            name, options = resolve_method(self.method, overrides=self.adapter_kwargs)
+            self.adapter = build_adapter(name, target, **options)
         if network is not None and network is not self.adapter.model:
             raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")
         inferer = getattr(engine, "inferer", None)

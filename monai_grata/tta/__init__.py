@@ -32,7 +32,7 @@ from .losses import consistency_loss, entropy_loss, probabilities
 from .medbn import MedBN
 from .norm import BatchNormStatistics, SelectedBatchNormStatistics
 from .patches import PatchAdaptation, patch_positions, sample_patches
-from .presets import PRESETS, resolve_method
+from .presets import PRESETS, effective_options, resolve_method
 from .sar import SAR, pixel_entropy
 from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
 from .tent import Tent
@@ -85,6 +85,7 @@ __all__ = [
     "probabilities",
     "register_adapter",
     "resolve_method",
+    "effective_options",
     "per_batch_shifts",
     "read_shift_threshold",
     "shift_threshold",

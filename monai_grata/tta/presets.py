@@ -1,6 +1,25 @@
-"""Named adaptation settings: ``inference.json --method default`` (the shipped default), ``--method paper``,
-``--method grata_gated`` (the same as ``default``) and ``--method source_prior``; the benchmark accepts the same
-names (``--methods default paper source_prior``)."""
+"""Named adaptation settings, and the one rule that decides which option value a run uses.
+
+Presets: ``inference.json --method default`` (the shipped default), ``--method paper``, ``--method grata_gated``
+(the same as ``default``) and ``--method source_prior``; the benchmark accepts the same names
+(``--methods default paper source_prior``).
+
+Precedence (:func:`resolve_method`), lowest first:
+
+1. the adapter constructor's own defaults;
+2. the preset's options (``--method default`` sets ``beta`` 1e-3, ``steps`` 3, ...);
+3. the bundle config's explicit choices for that adapter (its ``adapter_kwargs``, e.g. ``multilabel: false``
+   for a softmax network), which never restate a constructor default;
+4. what the user passed on the command line (``--beta 1e-4``), or as keyword arguments to
+   :class:`~monai_grata.handlers.TTAHandler`.
+
+An option the user did not set is ``None`` (the bundle configs' top-level options are ``null``) and takes no part;
+so ``--method default --beta 1e-4`` runs beta 1e-4, whatever the constructor's default is. Options whose
+meaningful values include ``None`` (GraTa's ``radius``, ``min_cos``, ``min_shift``) cannot be set back to ``None``
+from the command line (MONAI's command line drops a ``None`` value, too): pick a method that does not set them
+(``--method grata --bn_prior 256 --beta 1e-3 --steps 3`` is ``default`` without the gate), or write ``null`` for
+them in the bundle config's ``adapter_kwargs``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +28,9 @@ from collections.abc import Mapping
 
 from .base import adapter_class
 
-__all__ = ["PRESETS", "resolve_method"]
+__all__ = ["PRESETS", "effective_options", "resolve_method"]
 
-#: preset name -> the registered method it runs and the options it fixes (over the bundle's ``adapter_kwargs``).
+#: preset name -> the registered method it runs and the options it fixes (over the constructor's defaults).
 #: ``paper``: GraTa exactly as the paper and the authors' code run it (the same as ``--method grata``).
 #: ``default`` (= ``grata_gated``): GraTa, three updates per image at beta 1e-3 on the source prior of 256,
 #: updating only while the stream's mean BatchNorm shift from the source statistics exceeds 0.18 (docs/results.md,
@@ -28,30 +47,39 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _constructor_defaults(name: str) -> dict:
-    """The keyword defaults of the registered adapter ``name``'s constructor."""
-    parameters = inspect.signature(adapter_class(name).__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-
-
-def resolve_method(method: str, adapter_kwargs: Mapping[str, Mapping] | None = None) -> tuple[str, dict]:
-    """The registered adapter name and constructor options for ``method``, a preset or a registered name.
-
-    A preset fixes its options over the bundle's, except those the bundle sets to something other than the
-    adapter's own default: those were chosen by the user (``--method default --min_shift 0.3`` gates at 0.3).
+def resolve_method(
+    method: str,
+    adapter_kwargs: Mapping[str, Mapping] | None = None,
+    overrides: Mapping | None = None,
+) -> tuple[str, dict]:
+    """The registered adapter name and the constructor options for ``method``, by the module's precedence rule:
+    preset < the bundle's ``adapter_kwargs`` for that adapter < ``overrides`` that are not ``None``.
 
     Args:
         method: a preset name (``"default"``, ``"paper"``, ``"grata_gated"``, ``"source_prior"``) or a registered
             adapter name (``"grata"``, ...).
-        adapter_kwargs: per registered name, the options the bundle configures.
+        adapter_kwargs: per registered name, the options the bundle config chooses.
+        overrides: the options the user passed (on the command line); ``None`` values mean "not set".
 
     Returns:
-        (adapter name, options) for :func:`~monai_grata.tta.build_adapter`.
+        (adapter name, options) for :func:`~monai_grata.tta.build_adapter`: only the options someone set, so the
+        constructor's defaults hold for the rest.
     """
-    adapter_kwargs = adapter_kwargs or {}
-    if method not in PRESETS:
-        return method, dict(adapter_kwargs.get(method, {}))
-    name, preset = PRESETS[method]["method"], PRESETS[method]["options"]
-    configured, defaults = dict(adapter_kwargs.get(name, {})), _constructor_defaults(name)
-    chosen = {k: v for k, v in configured.items() if k in preset and k in defaults and v != defaults[k]}
-    return name, {**configured, **preset, **chosen}
+    preset = PRESETS.get(method, {"method": method, "options": {}})
+    name = preset["method"]
+    configured = dict((adapter_kwargs or {}).get(name, {}))
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    return name, {**preset["options"], **configured, **given}
+
+
+def effective_options(name: str, options: Mapping) -> dict:
+    """Every constructor option of the registered adapter ``name`` as a run with ``options`` uses it: the
+    constructor's defaults updated with ``options`` (what to log as the run's parameters).
+
+    Args:
+        name: a registered adapter name.
+        options: the options passed to :func:`~monai_grata.tta.build_adapter` (from :func:`resolve_method`).
+    """
+    parameters = inspect.signature(adapter_class(name).__init__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}

@@ -136,7 +136,9 @@ def format_table(
     The ``status`` column says how each run ended: ``FINISHED``, ``FAILED: <error>`` (the run's ``error`` tag,
     see :class:`~monai_grata.handlers.MLFlowRunHandler`), or ``RUNNING`` for a run still going or one that
     was killed before it could record its end. A parameter is shown only for the runs it applies to
-    (:func:`param_applies`), so a TENT or ``none`` run shows no GraTa ``beta``.
+    (:func:`param_applies`, by the run's ``adapter`` param), so a TENT or ``none`` run shows no GraTa ``beta``. The
+    main job logs only the options of the adapter that ran (:func:`~monai_grata.engines.run_params`); the filter
+    keeps older stores, where every run logged every option, readable.
 
     Args:
         rows: runs, as :func:`collect_runs` returns them.
@@ -160,7 +162,7 @@ def format_table(
         status = str(r.get("status", ""))
         if r.get("tags.error"):
             status += ": " + str(r["tags.error"])[:60].replace("|", "/")
-        method = r.get("params.method")
+        method = r.get("params.adapter") or r.get("params.method")  # a preset names no adapter's options
         values = [str(r.get("run_name", "")) + (" (baseline)" if r is base else ""), status]
         values += [str(r.get(f"params.{p}", "")) if param_applies(p, method, options) else "" for p in params]
         for m in metrics:
