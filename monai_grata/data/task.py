@@ -19,7 +19,16 @@ from monai_grata.transforms import DiscCupFromLabel, LabelFromDiscCup, StrongInt
 from .preprocessing import fundus_preprocessing
 from .volumes import volume_preprocessing
 
-__all__ = ["ACTIVATIONS", "FUNDUS", "SPINALCORD", "TASKS", "TaskSpec", "task_by_name", "task_of_bundle"]
+__all__ = [
+    "ACTIVATIONS",
+    "FUNDUS",
+    "SPINALCORD",
+    "TASKS",
+    "TaskSpec",
+    "resolve_task",
+    "task_by_name",
+    "task_of_bundle",
+]
 
 ACTIVATIONS = ("sigmoid", "softmax")
 #: the key of a bundle's ``configs/metadata.json`` that names its task (one of :data:`TASKS`)
@@ -179,6 +188,15 @@ def task_by_name(name: str) -> TaskSpec:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
     return TASKS[name]
+
+
+def resolve_task(task: TaskSpec | str | None) -> TaskSpec | None:
+    """A task given as a :class:`TaskSpec`, a registered name (as a bundle config writes it) or ``None``.
+
+    Raises:
+        KeyError: an unknown name.
+    """
+    return task_by_name(task) if isinstance(task, str) else task
 
 
 def task_of_bundle(bundle_dir: str) -> TaskSpec:
