@@ -63,3 +63,10 @@ def test_adapter_options_follow_the_task_and_never_touch_the_slice_axis():
 def test_preprocessing_takes_only_the_arguments_it_knows():
     assert FUNDUS.make_preprocessing(image_size=64, pixdim=(1, 1, 1)) is not None
     assert SPINALCORD.make_preprocessing(image_size=64) is not None
+
+
+def test_a_bad_label_value_is_named_with_the_task_structures():
+    with pytest.raises(ValueError, match="1 white matter, 2 gray matter"):
+        SPINALCORD.label_to_channels(torch.tensor([[[0, 3]]]))
+    with pytest.raises(ValueError, match="1 optic disc rim, 2 optic cup"):
+        FUNDUS.label_to_channels(torch.tensor([[[0, 255]]]))

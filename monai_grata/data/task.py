@@ -14,7 +14,13 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from monai_grata.transforms import DiscCupFromLabel, LabelFromDiscCup, StrongIntensityAug, weak_views
+from monai_grata.transforms import (
+    DiscCupFromLabel,
+    LabelFromDiscCup,
+    NestedChannelsFromLabel,
+    StrongIntensityAug,
+    weak_views,
+)
 
 from .preprocessing import fundus_preprocessing
 from .volumes import volume_preprocessing
@@ -166,7 +172,7 @@ SPINALCORD = TaskSpec(
     spatial_dims=3,
     view_axes=(-3, -2),
     preprocessing=partial(volume_preprocessing, transform_label=False),
-    label_to_channels=DiscCupFromLabel(),
+    label_to_channels=NestedChannelsFromLabel(structures=("white matter", "gray matter")),
     channels_to_label=LabelFromDiscCup(),
     structures=("cord", "GM"),
     mask_legend="0 background, 1 white matter, 2 gray matter; NIfTI on each input's grid",
