@@ -66,7 +66,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _problem(item: dict, load: Callable, channels: Callable, labels: Callable, min_size: Sequence[int]) -> str | None:
+def _problem(
+    item: dict, load: Callable, channels: Callable, labels: Callable, min_size: Sequence[int]
+) -> str | None:
     """What is wrong with one ``{"image", "label"}`` item (naming the file), or ``None``."""
     data = {}
     for key in ("image", "label"):

@@ -19,23 +19,11 @@ def _strong_augmentation(keys: list[str]) -> list:
         mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
         mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
         mt.Rand2DElasticd(
-            keys=keys,
-            spacing=(32, 32),
-            magnitude_range=(0.0, 2.0),
-            prob=0.2,
-            rotate_range=3.1416,
-            scale_range=(0.15, 0.15),
-            mode=modes,
-            padding_mode="zeros",
-            allow_missing_keys=True,
+            keys=keys, spacing=(32, 32), magnitude_range=(0.0, 2.0), prob=0.2, rotate_range=3.1416,
+            scale_range=(0.15, 0.15), mode=modes, padding_mode="zeros", allow_missing_keys=True,
         ),  # fmt: skip
         mt.RandAffined(
-            keys=keys,
-            prob=0.3,
-            rotate_range=3.1416,
-            scale_range=(0.15, 0.15),
-            mode=modes,
-            padding_mode="zeros",
+            keys=keys, prob=0.3, rotate_range=3.1416, scale_range=(0.15, 0.15), mode=modes, padding_mode="zeros",
             allow_missing_keys=True,
         ),  # fmt: skip
         mt.RandScaleIntensityd(keys="image", factors=0.25, prob=0.3),

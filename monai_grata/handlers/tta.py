@@ -103,7 +103,8 @@ class TTAHandler:
             logger.warning(
                 "%s predicts before its update, but %s: the evaluator's prediction after the update is used",
                 type(self.adapter).__name__,
-                "patch adaptation has no whole-volume logits before it" if use_patches else "the engine has no inferer",
+                "patch adaptation has no whole-volume logits before it" if use_patches else "the engine has no "
+                "inferer",
             )
         self.history = []
         self._last_group = None
