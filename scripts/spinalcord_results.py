@@ -3,10 +3,13 @@ seed) adapted to the held-out sites' volumes by each method, per volume.
 
     python scripts/spinalcord_results.py --dataset_dir $DATA_DIR/spinalcord --out outputs/spinalcord_results
 
-Each cell is one `python -m monai.bundle run --config_file bundles/spinalcord_gm/configs/inference.json` (No Adapt
-and the method on the same volumes; its outputs are kept under --out and reused when its metrics.json exists). The
-source models are `--models DIR/train_spinalcord_seed<S>/source.pt`, written by train.json with `--seed S`. The
-figure runs evaluate.json (No Adapt) and inference.json (GraTa) of the first seed's model on every site's volumes.
+The cells run in-process through the benchmark (``python -m monai_grata.benchmark --bundle bundles/spinalcord_gm``:
+the bundle's network, preprocessing, sliding-window inferer with patch adaptation, and scoring on each volume's own
+grid), one experiment per source model in the store ``--out/mlflow.db``; finished cells are reused. A method is a
+benchmark method spec (``dua:n_augmentations=16`` is what the bundle's ``adapter_kwargs`` run). The source models
+are ``--models DIR/train_spinalcord_seed<S>/source.pt``, written by train.json with ``--seed S``. The figure runs
+evaluate.json (No Adapt) and inference.json (GraTa) of the first seed's model on every site's volumes, for their
+mask files.
 """
 
 from __future__ import annotations
@@ -14,42 +17,64 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import os
 import statistics
+import tempfile
 
 import nibabel as nib
 import numpy as np
 
+from monai_grata.benchmark import parse_method
+from monai_grata.benchmark.__main__ import main as benchmark_main
+from monai_grata.benchmark.store import BenchmarkStore, tracking_uri_of
 from monai_grata.utils import run_bundle_once
 
-CONFIGS = "bundles/spinalcord_gm/configs"
+BUNDLE = "bundles/spinalcord_gm"
+CONFIGS = f"{BUNDLE}/configs"
 HELD_OUT = ("philips", "milan", "ceitec")
 SOURCES = ("ucl", "nwu", "juntendo")
+METRICS = ("dice_gm", "dice_cord", "assd_gm", "assd_cord")
+
+Rows = dict[str, dict[str, float]]
 
 
-def read_rows(path: str) -> dict[str, dict[str, float]]:
-    """``{"site volume": {column: value}}`` of a per-image CSV written by MetricsReport."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    name = lambda r: f"{r['group']} {os.path.basename(r['filename']).replace('_T2starw.nii.gz', '')}"  # noqa: E731
-    return {name(r): {k: float(v) for k, v in r.items() if k not in ("filename", "group")} for r in rows}
+def volume_name(target: str, filename: str) -> str:
+    return f"{target} {os.path.basename(filename).replace('_T2starw.nii.gz', '')}"
 
 
-def run_cells(args: argparse.Namespace) -> dict[tuple[int, str], str]:
-    """Run (or reuse) every (seed, method) cell; return their output folders."""
-    cells = {}
+def read_cells(store: BenchmarkStore) -> tuple[dict[str, Rows], dict[str, float]]:
+    """``{method: {"site volume": {metric: value}}}`` and ``{method: seconds adapting and predicting}`` of every
+    finished cell in ``store`` (one experiment: one source model)."""
+    cells: dict[str, Rows] = {}
+    seconds: dict[str, float] = {}
+    for record in store.finished().values():
+        method, target = record["method"], record["target"]
+        with tempfile.TemporaryDirectory() as tmp:
+            local = store.client.download_artifacts(record["run_id"], "per_image.csv", tmp)
+            with open(local) as f:
+                per_image = list(csv.DictReader(f))
+        rows = {volume_name(target, r["filename"]): {m: float(r[m]) for m in METRICS} for r in per_image}
+        cells.setdefault(method, {}).update(rows)
+        seconds[method] = seconds.get(method, 0.0) + float(record["n_images"]) / float(record["images_per_s"])
+    return cells, seconds
+
+
+def run_cells(args: argparse.Namespace) -> tuple[dict[tuple[int, str], Rows], dict[tuple[int, str], float]]:
+    """Run (or reuse) every (seed, method) cell; return their per-volume rows and seconds, ``"none"`` for No Adapt."""
+    cells, seconds = {}, {}
     for seed in args.seeds:
-        ckpt = os.path.join(args.models, f"train_spinalcord_seed{seed}", "source.pt")
-        methods = args.methods + (args.extra_methods if seed == args.seeds[0] else [])
-        for method in methods:
-            out = os.path.join(args.out, f"seed{seed}", method)
-            run_bundle_once(
-                f"{CONFIGS}/inference.json", out, dataset_dir=args.dataset_dir, ckpt_path=ckpt, method=method,
-                device=args.device,
-            )  # fmt: skip
-            cells[seed, method] = out
-    return cells
+        methods = ["none", *args.methods, *(args.extra_methods if seed == args.seeds[0] else [])]
+        experiment = f"seed{seed}"
+        benchmark_main(
+            ["--bundle", BUNDLE, "--dataset_dir", args.dataset_dir, "--sources", "+".join(SOURCES),
+             "--targets", *HELD_OUT, "--methods", *methods, "--device", args.device, "--output_dir", args.out,
+             "--models_dir", os.path.join(args.models, f"train_spinalcord_seed{seed}"),
+             "--checkpoint_name", "source.pt", "--experiment", experiment]
+        )  # fmt: skip
+        by_method, times = read_cells(BenchmarkStore(tracking_uri_of(args.out), experiment))
+        cells.update({(seed, m): rows for m, rows in by_method.items()})
+        seconds.update({(seed, m): t for m, t in times.items()})
+    return cells, seconds
 
 
 def cell(values: list[float]) -> str:
@@ -58,24 +83,18 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def per_volume_table(cells: dict[tuple[int, str], str], methods: list[str], seeds: list[int]) -> str:
+def per_volume_table(cells: dict[tuple[int, str], Rows], methods: list[str], seeds: list[int]) -> str:
     """Markdown: one row per held-out volume and metric, one column per method (mean ± std over seeds)."""
+    columns = {"No Adapt": "none", **{m: m for m in methods}}
     values: dict[tuple[str, str, str], list[float]] = {}
-    for (seed, method), out in cells.items():
-        if seed not in seeds or method not in methods:
-            continue
-        runs = {"No Adapt": read_rows(os.path.join(out, "no_adapt_per_image.csv")), method: read_rows(
-            os.path.join(out, "per_image.csv"))}  # fmt: skip
-        for column, rows in runs.items():
-            if column == "No Adapt" and method != methods[0]:
-                continue  # the same No Adapt in every cell of a seed: count it once
-            for volume, row in rows.items():
-                for metric in ("dice_gm", "dice_cord", "assd_gm", "assd_cord"):
+    for seed in seeds:
+        for column, method in columns.items():
+            for volume, row in cells[seed, method].items():
+                for metric in METRICS:
                     values.setdefault((volume, metric, column), []).append(row[metric])
-    columns = ["No Adapt", *methods]
     volumes = sorted({v for v, _, _ in values})
     lines = ["| volume | metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for metric in ("dice_gm", "dice_cord", "assd_gm", "assd_cord"):
+    for metric in METRICS:
         for volume in volumes + ["mean"]:
             row = []
             for column in columns:
@@ -91,13 +110,10 @@ def per_volume_table(cells: dict[tuple[int, str], str], methods: list[str], seed
     return "\n".join(lines)
 
 
-def wall_times(cells: dict[tuple[int, str], str]) -> str:
-    lines = ["| seed | method | wall time (s) |", "|---|---|---|"]
-    for (seed, method), out in sorted(cells.items()):
-        path = os.path.join(out, "wall_time.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                lines.append(f"| {seed} | {method} | {json.load(f)['wall_s']:.0f} |")
+def wall_times(seconds: dict[tuple[int, str], float]) -> str:
+    lines = ["| seed | method | adapting and predicting (s) |", "|---|---|---|"]
+    for (seed, method), value in sorted(seconds.items()):
+        lines.append(f"| {seed} | {method} | {value:.0f} |")
     return "\n".join(lines)
 
 
@@ -155,19 +171,21 @@ def main() -> None:
     parser.add_argument("--models", default="outputs")
     parser.add_argument("--out", default="outputs/spinalcord_results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["norm", "tent", "grata"])
+    parser.add_argument("--methods", nargs="+", default=["norm", "tent", "grata"], help="benchmark method specs")
     parser.add_argument("--extra_methods", nargs="*", default=[], help="run for the first seed only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--figure", default="docs/images/spinalcord_slices.png")
     args = parser.parse_args()
-    cells = run_cells(args)
+    args.methods = [parse_method(m).label for m in args.methods]  # as the store names them
+    args.extra_methods = [parse_method(m).label for m in args.extra_methods]
+    cells, seconds = run_cells(args)
     print("## all seeds\n")
     print(per_volume_table(cells, args.methods, args.seeds))
     if args.extra_methods:
         print(f"\n## seed {args.seeds[0]}, every method\n")
         print(per_volume_table(cells, args.methods + args.extra_methods, args.seeds[:1]))
     print("\n## wall times\n")
-    print(wall_times(cells))
+    print(wall_times(seconds))
     if args.figure:
         figure(args, args.figure)
         print(f"\nfigure: {args.figure}")

@@ -12,7 +12,7 @@ class FakeMLflow:
 
 
 def test_stream_logs_dice_only_and_plots_resets_and_no_adapt(tmp_path):
-    adapted, no_adapt = MetricsReport(str(tmp_path)), MetricsReport(str(tmp_path))
+    adapted, no_adapt = MetricsReport(str(tmp_path), task="fundus"), MetricsReport(str(tmp_path), task="fundus")
     adapted.per_image = {"dice": torch.rand(6, 2)}
     no_adapt.per_image = {"dice": torch.rand(6, 2)}
     tta = SimpleNamespace(history=[{"cos": torch.tensor(0.5), "lr": torch.tensor(1e-4)}] * 6)

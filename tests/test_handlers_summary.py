@@ -7,7 +7,7 @@ from monai_grata.handlers import MetricsReport, RunSummary
 
 
 def report(tmp_path, summary):
-    r = MetricsReport(str(tmp_path))
+    r = MetricsReport(str(tmp_path), task="fundus")
     r.summary = summary
     return r
 
@@ -18,7 +18,9 @@ def test_summary_compares_no_adapt_and_adapted_dice_per_domain(tmp_path):
     adapted = report(tmp_path, {"dice_mean": 0.75, "a/dice_mean": 0.8, "b/dice_mean": 0.7})
     no_adapt = report(tmp_path, {"dice_mean": 0.7, "a/dice_mean": 0.75, "b/dice_mean": 0.65})
     skipped = [{"image": "x.png", "reason": "image 'x.png' cannot be read (OSError)"}]
-    summary = RunSummary(str(tmp_path), "grata", "refuge_train", adapted, no_adapt, "sqlite:///db", skipped)
+    summary = RunSummary(
+        str(tmp_path), "grata", "refuge_train", adapted, no_adapt, "sqlite:///db", skipped, task="fundus"
+    )
     summary.n_images, summary.domains = 5, ["a", "b"]
     lines = summary.text().splitlines()
     assert lines[1] == "Done: source model 'refuge_train', adapted with grata, 5 images in 2 domains."
@@ -29,7 +31,7 @@ def test_summary_compares_no_adapt_and_adapted_dice_per_domain(tmp_path):
         ["all", "0.700", "0.750"],
     ]
     assert (
-        lines[6].startswith(f"Outputs in {tmp_path}: masks/")
+        lines[6].startswith(f"Outputs in {tmp_path}: masks/ (label maps: 0 background, 1 disc rim, 2 cup)")
         and "metrics.json" in lines[6]
         and "stream" not in lines[6]
     )
@@ -68,3 +70,13 @@ def test_summary_without_labels(tmp_path):
     summary = RunSummary(str(tmp_path), "none", stream=stream)
     summary.n_images = 2
     assert "Done: no adaptation, 2 images." in summary.text() and "No labels: no Dice" in summary.text()
+
+
+def test_summary_names_the_structures_of_its_task_or_of_its_report(tmp_path):
+    (tmp_path / "masks").mkdir()
+    spinal = RunSummary(str(tmp_path), "none", report=report(tmp_path, {"dice_mean": 0.8}), task="spinalcord")
+    assert "Dice (cord, GM mean)" in spinal.text() and "white matter" in spinal.text()
+    plain = MetricsReport(str(tmp_path), channel_names=("liver", "tumour"))
+    plain.summary = {"dice_mean": 0.8}
+    text = RunSummary(str(tmp_path), "none", report=plain).text()
+    assert "Dice (liver, tumour mean)" in text and "masks/ (label maps)" in text

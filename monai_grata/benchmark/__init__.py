@@ -1,10 +1,15 @@
 """The benchmark harness: test-time adaptation methods × source→target pairs × seeds, logged to MLflow."""
 
-from .cells import Cell, MethodSpec, load_target, parse_method, predict_stream, run_cell, target_items
+from .bundle import DEFAULT_BUNDLE, BundleSetup, bundle_setup
+from .cells import Cell, MethodSpec, default_setup, load_target, parse_method, predict_stream, run_cell, target_items
 from .store import BenchmarkStore, tracking_uri_of
 from .table import summarise, write_chart, write_csv, write_markdown
 
 __all__ = [
+    "DEFAULT_BUNDLE",
+    "BundleSetup",
+    "bundle_setup",
+    "default_setup",
     "BenchmarkStore",
     "Cell",
     "MethodSpec",

@@ -4,13 +4,22 @@
         --sources drishti_gs refuge_train refuge_val --targets drishti_gs refuge_train refuge_val \\
         --methods none norm tent grata "norm:bn_prior=16" --seeds 0 1 2 --max_images 50 --output_dir outputs/bench
 
-For every (method, source, target, seed) cell with source ≠ target, the shipped source checkpoint
-(``MODELS_DIR/source_<source>.pt``) adapts continually over the target's images in datalist order at batch size 1;
-its predictions are scored (Dice and ASSD of optic disc and cup) and the cell is logged as one MLflow run in
-``OUTPUT_DIR/mlflow.db``. A method is a registered name, ``none`` (No Adapt) or ``name:key=value,...`` for options
-(e.g. ``grata:beta=0.001,bn_prior=16``). Methods without randomness run once, with the first seed. Finished cells
-found in the store are skipped, so an interrupted benchmark resumes. At the end ``table.md``, ``table.csv`` and
-``table.png`` (Table 1 of the paper: methods × pairs, mean ± std over seeds) are written and attached to the store.
+    python -m monai_grata.benchmark --bundle bundles/spinalcord_gm --dataset_dir $DATA_DIR/spinalcord \\
+        --sources ucl+nwu+juntendo --targets philips milan ceitec --methods none norm --output_dir outputs/bench_sc
+
+``--bundle`` (default ``bundles/grata``) says what runs: the bundle's task (channels, sigmoid or softmax, label
+codec, preprocessing; :func:`~monai_grata.data.task_of_bundle`) and, from its ``configs/inference.json``, the
+network (``network_def``), the source checkpoint (``ckpt_path``, the source domain in place of ``@source``) and the
+inferer (a sliding-window inferer: every volume is adapted on ``num_patches`` patches and predicted window by
+window, as the bundle's ``TTAHandler`` does). For every (method, source, target, seed) cell with source ≠ target,
+the source checkpoint (by default the bundle's; ``MODELS_DIR/CHECKPOINT_NAME`` with ``{source}`` filled in)
+adapts continually over the target's images in datalist order at batch size 1; its predictions are mapped to the
+label's grid and scored (Dice and ASSD of every channel of the task) and the cell is logged as one MLflow run in
+``OUTPUT_DIR/mlflow.db`` with a per-image CSV. A method is a registered name, ``none`` (No Adapt) or
+``name:key=value,...`` for options (e.g. ``grata:beta=0.001,bn_prior=16``). Methods without randomness run once,
+with the first seed. Finished cells found in the store are skipped, so an interrupted benchmark resumes. At the end
+``table.md``, ``table.csv`` and ``table.png`` (Table 1 of the paper: methods × pairs, mean ± std over seeds) are
+written and attached to the store.
 
 Under ``torchrun --nproc_per_node N -m monai_grata.benchmark ...`` the cells still to run are dealt over the N
 processes (with ``--device cuda`` rank r runs on GPU r mod the GPUs, so several may share one; or CPU processes);
@@ -33,6 +42,7 @@ from tqdm import tqdm
 
 from monai_grata.tta import adapter_class, adapter_names
 
+from .bundle import DEFAULT_BUNDLE, bundle_setup
 from .cells import VAL_SUFFIX, Cell, load_target, parse_method, run_cell, target_items
 from .distributed import launched_world_size, process_group, rank_device, shard
 from .store import SQLITE, BenchmarkStore, merge_rank_stores, rank_store, tracking_uri_of
@@ -73,15 +83,30 @@ def build_cells(args: argparse.Namespace) -> list[Cell]:
     return cells
 
 
+def checkpoint_template(args: argparse.Namespace) -> str:
+    """The source checkpoint's path with ``{source}`` in it: ``--models_dir``/``--checkpoint_name``, each by default
+    the bundle's (normalised: ``./a/`` and ``a`` are one directory)."""
+    models_dir, checkpoint_name = args.models_dir, args.checkpoint_name
+    if models_dir is None or checkpoint_name is None:
+        setup = getattr(args, "setup", None) or bundle_setup(args.bundle)
+        default_dir, default_name = os.path.split(setup.checkpoint)
+        models_dir, checkpoint_name = models_dir or default_dir, checkpoint_name or default_name
+    return os.path.normpath(os.path.join(models_dir, checkpoint_name))
+
+
 def run_key(cell: Cell, args: argparse.Namespace) -> str:
     """The cell and the settings that change its result; a finished run with the same key is not repeated."""
     key = f"{cell.key}|size={args.image_size}|images={args.skip_images}:{args.max_images or ''}"
-    models = os.path.normpath(os.path.join(args.models_dir, args.checkpoint_name))  # ./a/ and a are one directory
-    return key if models == os.path.join("bundles/grata/models", "source_{source}.pt") else f"{key}|models={models}"
+    if os.path.normpath(args.bundle) != os.path.normpath(DEFAULT_BUNDLE):
+        key += f"|bundle={os.path.normpath(args.bundle)}"
+    models = checkpoint_template(args)
+    # the default bundle's own checkpoints leave the key as it was before keys named models and bundles
+    return key if models == os.path.join(DEFAULT_BUNDLE, "models", "source_{source}.pt") else f"{key}|models={models}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default=DEFAULT_BUNDLE, help="the bundle whose task, network and inferer run")
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--datalist", default=None, help="default: DATASET_DIR/datalist.json when it exists")
     parser.add_argument("--sources", nargs="+", required=True)
@@ -91,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_images", type=int, default=0, help="leave out the first K images of each target")
     parser.add_argument("--max_images", type=int, default=None, help="then take at most N images")
     parser.add_argument("--same_domain_val", action="store_true", help="add each source's held-out split (no shift)")
-    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--image_size", type=int, default=256, help="for tasks that resize images to a square")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models_dir", default="bundles/grata/models")
-    parser.add_argument("--checkpoint_name", default="source_{source}.pt", help="file name in MODELS_DIR per source")
+    parser.add_argument("--models_dir", default=None, help="default: the folder of the bundle's ckpt_path")
+    parser.add_argument(
+        "--checkpoint_name", default=None, help="file name in MODELS_DIR per {source}; default: the bundle's"
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument(
         "--tracking_uri",
@@ -125,12 +152,15 @@ def run_cells(
         if cell.target != loaded_target:
             items = target_items(args.dataset_dir, cell.target, args.datalist)
             end = None if args.max_images is None else args.skip_images + args.max_images
-            images, loaded_target = load_target(items[args.skip_images : end], args.image_size), cell.target
+            images = load_target(items[args.skip_images : end], args.image_size, args.setup)
+            loaded_target = cell.target
         start = time.perf_counter()
         ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=cell.source))
-        summary, rows = run_cell(cell, images, ckpt, device)
+        summary, rows = run_cell(cell, images, ckpt, device, args.setup)
         params = {"image_size": args.image_size, "n_images": len(images), "skip_images": args.skip_images,
-                  "max_images": args.max_images, "device": args.device, "ckpt_path": ckpt}  # fmt: skip
+                  "max_images": args.max_images, "device": args.device, "ckpt_path": ckpt,
+                  "bundle": args.bundle, "task": args.setup.task.name,
+                  "channels": ",".join(args.setup.task.channels)}  # fmt: skip
         key = run_key(cell, args)
         store.log_cell(key, cell, params, summary, rows)
         done[key] = {"method": cell.method.label, "source": cell.source, "target": cell.target, "seed": cell.seed,
@@ -185,7 +215,7 @@ def run_grid(cells: list[Cell], args: argparse.Namespace, device: torch.device) 
     missing = [run_key(c, args) for c in cells if run_key(c, args) not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} cells are not in {uri}: {missing[:3]}")
-    summary = summarise([done[run_key(c, args)] for c in cells])
+    summary = summarise([done[run_key(c, args)] for c in cells], args.setup.task.channels)
     paths = [os.path.join(args.output_dir, f"table.{ext}") for ext in ("md", "csv", "png")]
     print(write_markdown(summary, paths[0]))
     write_csv(summary, paths[1])
@@ -201,6 +231,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     prefix = f"[rank {os.environ.get('RANK', 0)}] " if world_size > 1 else ""
     logging.basicConfig(level=logging.INFO, format=prefix + "%(message)s")
     os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        args.setup = bundle_setup(args.bundle)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        parser.error(str(err))
+    args.models_dir, args.checkpoint_name = os.path.split(checkpoint_template(args))
     for source in args.sources:
         ckpt = os.path.join(args.models_dir, args.checkpoint_name.format(source=source))
         if not os.path.isfile(ckpt):

@@ -11,19 +11,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.metrics import compute_average_surface_distance, compute_dice
+from monai.transforms import Invertd
 from monai.utils import set_determinism
 from torch import nn
 
-from monai_grata.data import domain_datalist, fundus_preprocessing, split_train_val
-from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import PRESETS, adapter_class, build_adapter, resolve_method
+from monai_grata.data import TaskSpec, domain_datalist, split_train_val
+from monai_grata.handlers.surface_distance import voxel_spacing
+from monai_grata.tta import PRESETS, PatchAdaptation, adapter_class, build_adapter, resolve_method
 from monai_grata.utils.per_image import finite_mean
 
+from .bundle import DEFAULT_BUNDLE, BundleSetup, bundle_setup
+
 __all__ = [
-    "CHANNELS",
     "Cell",
+    "default_setup",
     "MethodSpec",
     "load_target",
     "parse_method",
@@ -32,7 +35,6 @@ __all__ = [
     "target_items",
 ]
 
-CHANNELS = ("od", "oc")
 VAL_SUFFIX = ":val"
 
 
@@ -120,36 +122,78 @@ def target_items(dataset_dir: str, target: str, datalist: str | None = None) -> 
     return domain_datalist(dataset_dir, target, datalist)
 
 
-def load_target(items: Sequence[dict], image_size: int) -> list[dict[str, torch.Tensor]]:
-    """Preprocess every item once (as inference.json does), so that all cells of a target share the tensors.
+_DEFAULT_SETUP: list[BundleSetup] = []
+
+
+def default_setup() -> BundleSetup:
+    """The setup of the benchmark's default bundle (:data:`~monai_grata.benchmark.bundle.DEFAULT_BUNDLE`), read
+    once: what the functions below run when no ``setup`` is given."""
+    if not _DEFAULT_SETUP:
+        _DEFAULT_SETUP.append(bundle_setup(DEFAULT_BUNDLE))
+    return _DEFAULT_SETUP[0]
+
+
+def load_target(
+    items: Sequence[dict], image_size: int = 256, setup: BundleSetup | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Preprocess every item once (as the bundle's inference does), so that all cells of a target share the tensors.
+
+    Args:
+        items: datalist items with labels.
+        image_size: the network's input side, for tasks whose preprocessing resizes to a square.
+        setup: the bundle (default: :func:`default_setup`).
+
+    Returns:
+        ``{"image", "label", "name"}`` per item (plain tensors; the label as the task's channels on the input's
+        grid); for a task whose predictions are inverted to the label's grid also ``"grid"`` (the preprocessed
+        image with the spatial steps it went through) and ``"preprocessing"`` (the transform to invert).
 
     Raises:
         ValueError: an item without a label (the benchmark scores every prediction).
     """
-    transform = fundus_preprocessing(image_size=image_size, resize_label=False)
+    setup = setup or default_setup()
+    transform = setup.preprocessing(image_size)
     loaded = []
     for item in items:
-        if "label" not in item:
-            raise ValueError(f"benchmark items need labels; {item['image']!r} has none")
         data = transform(dict(item))
-        loaded.append({"image": data["image"].as_tensor(), "label": data["label"].as_tensor(), "name": item["image"]})
+        if "label" not in data:
+            raise ValueError(f"benchmark items need labels; {item['image']!r} has none")
+        entry = {"image": data["image"].as_tensor(), "label": data["label"].as_tensor(), "name": item["image"]}
+        if setup.task.to_label_grid == "invert":
+            entry.update(grid=data["image"], preprocessing=transform)
+        loaded.append(entry)
     return loaded
 
 
-def _source_model(ckpt_path: str, device: torch.device) -> nn.Module:
-    return load_weights(resunet(decoder=checkpoint_decoder(ckpt_path)), ckpt_path).to(device)
+def _to_label_grid(probs: torch.Tensor, item: dict, task: TaskSpec) -> tuple[torch.Tensor, tuple[float, ...] | None]:
+    """One image's probabilities (1, K, *spatial) on its label's grid (K, *label spatial), and the voxel spacing
+    there when the prediction was inverted to the input's own grid (then ASSD is in the input's units)."""
+    if "grid" not in item:
+        return task.resize(probs, tuple(item["label"].shape[1:]))[0], None
+    invert = Invertd(keys="pred", transform=item["preprocessing"], orig_keys="image", nearest_interp=False)
+    inverted = invert({"pred": MetaTensor(probs[0].cpu()), "image": item["grid"]})["pred"]
+    return inverted.as_tensor().to(probs.device), voxel_spacing(inverted)
 
 
-def _score(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice and symmetric ASSD per channel of one image, the prediction mapped back to the label's grid."""
-    probs = torch.sigmoid(logits.float())
-    if probs.shape[2:] != label.shape[1:]:
-        probs = F.interpolate(probs, size=label.shape[1:], mode="bilinear", align_corners=False)
-    pred = (probs >= 0.5).float()
-    label = label[None].to(pred.device)
+def _score(logits: torch.Tensor, item: dict, task: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and symmetric ASSD per channel of one image, the prediction mapped to the label's grid, then decoded
+    into the task's channels (thresholded, or argmax then the label codec)."""
+    probs, spacing = _to_label_grid(task.probabilities(logits.float()), item, task)
+    pred = task.discretise(probs)[None]
+    label = item["label"][None].to(pred.device)
     dice = compute_dice(pred, label, include_background=True, ignore_empty=True)[0]
-    assd = compute_average_surface_distance(pred, label, include_background=True, symmetric=True)[0]
+    assd = compute_average_surface_distance(pred, label, include_background=True, symmetric=True, spacing=spacing)[0]
     return dice.cpu(), assd.cpu()
+
+
+def _build_adapter(cell: Cell, model: nn.Module, task: TaskSpec):
+    """The cell's adapter around ``model``: the task's options (``multilabel``, the volume's in-plane views, ...),
+    then the method's own, which win; ``seed`` is the cell's unless the method sets one."""
+    cls = adapter_class(cell.method.name)
+    options = {**task.adapter_options(cls, seed=cell.seed), **cell.method.options}
+    if "seed" in inspect.signature(cls).parameters:
+        options.setdefault("seed", cell.seed)
+    return build_adapter(cell.method.name, model, **options)
 
 
 def predict_stream(
@@ -158,9 +202,15 @@ def predict_stream(
     ckpt_path: str,
     device: str | torch.device = "cpu",
     adapter_stats: list[dict[str, torch.Tensor]] | None = None,
+    setup: BundleSetup | None = None,
 ) -> tuple[list[torch.Tensor], float, nn.Module | None]:
     """Adapt the source model continually over ``images`` (batch size 1, in order); only ``item["image"]`` is
     read, never the label.
+
+    Under a bundle's sliding-window inferer every volume is adapted on patches and then predicted window by window
+    with the adapted weights and the patches' BatchNorm statistics (:class:`~monai_grata.tta.PatchAdaptation`, as
+    :class:`~monai_grata.handlers.TTAHandler` runs it inside the bundle's evaluator); otherwise the adapter takes
+    the whole image.
 
     Args:
         cell: method, source, target, seed.
@@ -169,28 +219,33 @@ def predict_stream(
         device: where the model runs.
         adapter_stats: when given, the adapter's ``last_stats`` of every image (cos, lr, stream_shift, ...) are
             appended to it, still on the device (read once the stream is done, not per image).
+        setup: the bundle (network, inferer, task; default: :func:`default_setup`).
 
     Returns:
         The logits of every image (from the model adapted up to and including it), the seconds spent adapting
         and predicting, and the adapter (``None`` for ``none``).
     """
+    setup = setup or default_setup()
     device = torch.device(device)
     set_determinism(seed=cell.seed)
-    model = _source_model(ckpt_path, device)
+    model = setup.build_model(ckpt_path).to(device)
+    inferer = setup.inferer or (lambda x, network: network(x))
     if cell.method.name == "none":
         model.eval()
-        adapter = None
+        adapter = predict = None
     else:
-        options = dict(cell.method.options)
-        if "seed" in inspect.signature(adapter_class(cell.method.name)).parameters:
-            options.setdefault("seed", cell.seed)
-        adapter = build_adapter(cell.method.name, model, **options)
+        adapter = _build_adapter(cell, model, setup.task)
+        if setup.sliding_window:
+            patches = PatchAdaptation(adapter, setup.inferer.roi_size, setup.num_patches, setup.inferer.overlap)
+            predict = lambda x: patches(x, setup.inferer)  # noqa: E731
+        else:
+            predict = adapter
     logits_all, elapsed = [], 0.0
     for item in images:
         x = item["image"][None].to(device)
         start = time.perf_counter()
         with torch.no_grad():
-            logits = adapter(x) if adapter is not None else model(x)
+            logits = predict(x) if predict is not None else inferer(x, model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
@@ -201,7 +256,11 @@ def predict_stream(
 
 
 def run_cell(
-    cell: Cell, images: Sequence[dict[str, torch.Tensor]], ckpt_path: str, device: str | torch.device = "cpu"
+    cell: Cell,
+    images: Sequence[dict[str, torch.Tensor]],
+    ckpt_path: str,
+    device: str | torch.device = "cpu",
+    setup: BundleSetup | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Adapt over ``images`` with :func:`predict_stream`, then score every prediction against its label.
 
@@ -210,28 +269,32 @@ def run_cell(
         images: preprocessed items from :func:`load_target`.
         ckpt_path: the source model's checkpoint.
         device: where the model runs.
+        setup: the bundle (default: :func:`default_setup`); its task names the channels.
 
     Returns:
-        The summary (``dice_od``, ``dice_oc``, ``dice_mean``, ``assd_od``, ``assd_oc``, ``n_images``,
-        ``images_per_s``, ``n_skipped``, ``n_rolled_back``) and one row per image: its scores and, prefixed
-        ``adapt_``, what the adapter reported for it (e.g. GraTa's ``cos``, ``lr`` and, gated, ``stream_shift``).
+        The summary (``dice_<c>`` and ``assd_<c>`` for every channel ``c`` of the task, ``dice_mean``,
+        ``n_images``, ``images_per_s``, ``n_skipped``, ``n_rolled_back``) and one row per image: its scores and,
+        prefixed ``adapt_``, what the adapter reported for it (e.g. GraTa's ``cos``, ``lr`` and, gated,
+        ``stream_shift``).
     """
+    setup = setup or default_setup()
+    channels = setup.task.channels
     stats: list[dict[str, torch.Tensor]] = []
-    logits_all, elapsed, adapter = predict_stream(cell, images, ckpt_path, device, stats)
+    logits_all, elapsed, adapter = predict_stream(cell, images, ckpt_path, device, stats, setup)
     rows, dice, assd = [], [], []
     for item, logits, image_stats in zip(images, logits_all, stats or [{}] * len(images), strict=True):
-        d, a = _score(logits, item["label"])
+        d, a = _score(logits, item, setup.task)
         dice.append(d)
         assd.append(a)
-        rows.append({"filename": item["name"], **{f"dice_{c}": float(d[i]) for i, c in enumerate(CHANNELS)}})
-        rows[-1].update({f"assd_{c}": float(a[i]) for i, c in enumerate(CHANNELS)})
+        rows.append({"filename": item["name"], **{f"dice_{c}": float(d[i]) for i, c in enumerate(channels)}})
+        rows[-1].update({f"assd_{c}": float(a[i]) for i, c in enumerate(channels)})
         rows[-1].update({f"adapt_{k}": float(v) for k, v in image_stats.items() if v.numel() == 1})
     dice_t, assd_t = torch.stack(dice), torch.stack(assd)
     summary: dict[str, float] = {}
-    for i, c in enumerate(CHANNELS):
+    for i, c in enumerate(channels):
         summary[f"dice_{c}"] = finite_mean(dice_t[:, i])[0]
         summary[f"assd_{c}"] = finite_mean(assd_t[:, i])[0]
-    summary["dice_mean"] = sum(summary[f"dice_{c}"] for c in CHANNELS) / len(CHANNELS)
+    summary["dice_mean"] = sum(summary[f"dice_{c}"] for c in channels) / len(channels)
     summary["n_images"] = len(images)
     summary["images_per_s"] = len(images) / elapsed if elapsed > 0 else float("nan")
     summary["n_skipped"] = getattr(adapter, "n_skipped", 0)

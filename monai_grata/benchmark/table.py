@@ -11,9 +11,32 @@ from collections.abc import Mapping, Sequence
 
 from .cells import VAL_SUFFIX
 
-__all__ = ["method_colours", "pair_label", "summarise", "write_chart", "write_csv", "write_markdown"]
+__all__ = [
+    "channels_of",
+    "method_colours",
+    "metrics_of",
+    "pair_label",
+    "summarise",
+    "write_chart",
+    "write_csv",
+    "write_markdown",
+]
 
-METRICS = ("dice_od", "dice_oc", "dice_mean", "assd_od", "assd_oc", "images_per_s")
+
+def metrics_of(channels: Sequence[str]) -> tuple[str, ...]:
+    """The metrics a table keeps for a task's channels: ``dice_<c>``..., ``dice_mean``, ``assd_<c>``...,
+    ``images_per_s``."""
+    return (*[f"dice_{c}" for c in channels], "dice_mean", *[f"assd_{c}" for c in channels], "images_per_s")
+
+
+def channels_of(records: Sequence[Mapping]) -> tuple[str, ...]:
+    """The channel names of benchmark records: their ``channels`` param (``"od,oc"``) when the store has it, else
+    the names of their ``dice_<c>`` metrics (records of stores written before cells logged their channels)."""
+    for r in records:
+        if r.get("channels"):
+            return tuple(str(r["channels"]).split(","))
+    names = dict.fromkeys(k[len("dice_") :] for r in records for k in r if k.startswith("dice_") and k != "dice_mean")
+    return tuple(names)
 
 
 def pair_label(source: str, target: str) -> str:
@@ -27,15 +50,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else float("nan")
 
 
-def summarise(records: Sequence[Mapping]) -> dict:
+def summarise(records: Sequence[Mapping], channels: Sequence[str] | None = None) -> dict:
     """Aggregate records (``method``, ``source``, ``target``, ``seed`` and the metrics) over seeds.
+
+    Args:
+        records: one per cell and seed.
+        channels: the task's channel names (default: read from the records, :func:`channels_of`).
 
     Returns:
         ``{"methods": [...], "pairs": [...], "shift_pairs": [...], "cells": {(method, pair): {metric: (mean, std,
         n_seeds)}}, "average": {method: (mean, std) of the per-seed mean Dice over the shift pairs},
-        "speed": {method: mean images per second}}``. Pairs whose target is ``DOMAIN:val`` (no shift) are kept
-        out of the average.
+        "speed": {method: mean images per second}, "metrics": the metrics kept}``. Pairs whose target is
+        ``DOMAIN:val`` (no shift) are kept out of the average.
     """
+    metrics = metrics_of(channels_of(records) if channels is None else channels)
     methods = list(dict.fromkeys(str(r["method"]) for r in records))
     pairs = list(dict.fromkeys(pair_label(str(r["source"]), str(r["target"])) for r in records))
     shift_pairs = [p for p in pairs if not p.endswith(VAL_SUFFIX)]
@@ -44,7 +72,7 @@ def summarise(records: Sequence[Mapping]) -> dict:
         grouped[(str(r["method"]), pair_label(str(r["source"]), str(r["target"])))].append(r)
     cells = {}
     for key, rows in grouped.items():
-        cells[key] = {m: (*_mean_std([float(r[m]) for r in rows if m in r]), len(rows)) for m in METRICS}
+        cells[key] = {m: (*_mean_std([float(r[m]) for r in rows if m in r]), len(rows)) for m in metrics}
     average, speed = {}, {}
     for method in methods:
         per_seed: dict[str, list[float]] = defaultdict(list)
@@ -57,7 +85,7 @@ def summarise(records: Sequence[Mapping]) -> dict:
         rates = [float(r["images_per_s"]) for (m, _), rows in grouped.items() if m == method for r in rows]
         speed[method] = _mean_std(rates)[0]
     return {"methods": methods, "pairs": pairs, "shift_pairs": shift_pairs, "cells": cells, "average": average,
-            "speed": speed}  # fmt: skip
+            "speed": speed, "metrics": metrics}  # fmt: skip
 
 
 def _fmt(mean: float, std: float, digits: int = 3) -> str:
@@ -67,8 +95,8 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
 
 
 def write_markdown(summary: dict, path: str, baseline: str | None = "none") -> str:
-    """Mean Dice (OD/OC averaged) per method and pair, the average over the shifted pairs, the change against
-    ``baseline`` (average and worst pair) and images per second; returns the text written."""
+    """Mean Dice (averaged over the channels) per method and pair, the average over the shifted pairs, the change
+    against ``baseline`` (average and worst pair) and images per second; returns the text written."""
     pairs, cells = summary["pairs"], summary["cells"]
     has_baseline = baseline in summary["methods"]
     header = ["method", *pairs, "average"] + (["Δ avg", "worst Δ"] if has_baseline else []) + ["images/s"]
@@ -98,10 +126,11 @@ def write_csv(summary: dict, path: str) -> None:
     """One row per (method, pair): mean, standard deviation and number of seeds of every metric."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "pair", "n_seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
+        metrics = summary["metrics"]
+        writer.writerow(["method", "pair", "n_seeds", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
         for (method, pair), stats in summary["cells"].items():
             n = stats["dice_mean"][2]
-            writer.writerow([method, pair, n, *[f"{v:.6g}" for m in METRICS for v in stats[m][:2]]])
+            writer.writerow([method, pair, n, *[f"{v:.6g}" for m in metrics for v in stats[m][:2]]])
 
 
 def method_colours(n_methods: int) -> list[tuple[float, float, float]]:
@@ -139,7 +168,8 @@ def write_chart(summary: dict, path: str) -> None:
             color=colours[i],
         )
     ax.set_xticks(range(len(pairs)), pairs, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("mean Dice (OD, OC)")
+    channels = [m[len("dice_") :] for m in summary["metrics"] if m.startswith("dice_") and m != "dice_mean"]
+    ax.set_ylabel(f"mean Dice ({', '.join(channels)})")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: never over a bar
     fig.tight_layout()

@@ -9,9 +9,17 @@ from .checks import (
 )
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
+from .task import FUNDUS, SPINALCORD, TASKS, TaskSpec, resolve_task, task_by_name, task_of_bundle
 from .volumes import volume_preprocessing
 
 __all__ = [
+    "FUNDUS",
+    "SPINALCORD",
+    "TASKS",
+    "TaskSpec",
+    "resolve_task",
+    "task_by_name",
+    "task_of_bundle",
     "BAD_INPUT_CHOICES",
     "IMAGE_SUFFIXES",
     "BadInputError",

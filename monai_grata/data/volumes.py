@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import monai.transforms as mt
 
-from monai_grata.transforms import DiscCupFromLabeld, EnsureImageChannelsd, LabelFromMasksd
+from monai_grata.transforms import EnsureImageChannelsd, LabelFromMasksd, NestedChannelsFromLabeld
 
 __all__ = ["volume_preprocessing"]
 
@@ -96,7 +96,7 @@ def volume_preprocessing(
         mt.ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
     ]
     if not transform_label:
-        transforms.append(DiscCupFromLabeld(keys="label", allow_missing_keys=True))
+        transforms.append(NestedChannelsFromLabeld(keys="label", allow_missing_keys=True))
     if augment:
         transforms += _augmentation(patch_size, num_samples)
     transforms.append(mt.EnsureTyped(keys=["image", "label"], dtype="float32", allow_missing_keys=True))

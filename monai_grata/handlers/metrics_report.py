@@ -7,16 +7,21 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from monai_grata.data.task import TaskSpec, resolve_task
 from monai_grata.utils.files import atomic_write
 from monai_grata.utils.per_image import finite_mean
 
 __all__ = ["MetricsReport"]
+
+#: the task a report without ``channel_names`` or ``task`` assumes, for configs written before tasks were named
+LEGACY_TASK = "fundus"
 
 
 def _batch_values(batch, key: str) -> list[str]:
@@ -51,7 +56,7 @@ class MetricsReport:
 
     Args:
         output_dir: the folder to write into (created if missing).
-        channel_names: names of the output channels, e.g. ``("od", "oc")``.
+        channel_names: names of the output channels, e.g. ``("cord", "gm")``; default: the ``task``'s.
         dice_name: the name of the Dice metric handler.
         assd_name: the name of the ASSD (symmetric SurfaceDistance) metric handler; ``None`` for none.
         image_key: the batch key whose metadata names the images.
@@ -60,12 +65,16 @@ class MetricsReport:
         csv_name: the per-image file name.
         extra: a callable returning more summary entries (e.g. the no-adapt scores of the same run).
         skipped: the inputs left out of the run, ``[{"image": path, "reason": text}, ...]``.
+        task: the task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as ``"fundus"``) whose
+            channels these are, when ``channel_names`` is not given. With neither, the ``"fundus"`` task is assumed
+            with a ``FutureWarning``: a transition for configs written before tasks were named; it will become an
+            error.
     """
 
     def __init__(
         self,
         output_dir: str,
-        channel_names: Sequence[str] = ("od", "oc"),
+        channel_names: Sequence[str] | None = None,
         dice_name: str = "dice",
         assd_name: str | None = "assd",
         image_key: str = "image",
@@ -74,8 +83,19 @@ class MetricsReport:
         csv_name: str = "per_image.csv",
         extra: Callable[[], dict[str, float]] | None = None,
         skipped: Sequence[dict] | None = None,
+        task: TaskSpec | str | None = None,
     ) -> None:
-        self.output_dir, self.channel_names = output_dir, tuple(channel_names)
+        task = resolve_task(task)
+        if channel_names is None and task is None:
+            warnings.warn(
+                f"MetricsReport without channel_names or task: the {LEGACY_TASK!r} task's channels are assumed; "
+                'pass task= (e.g. "task": "fundus" in a bundle config) or channel_names=',
+                FutureWarning,
+                stacklevel=2,
+            )
+            task = resolve_task(LEGACY_TASK)
+        self.output_dir = output_dir
+        self.channel_names = tuple(channel_names) if channel_names is not None else task.channels
         self.dice_name, self.assd_name, self.image_key, self.group_key = dice_name, assd_name, image_key, group_key
         self.json_name, self.csv_name, self.extra = json_name, csv_name, extra
         self.skipped = list(skipped or [])

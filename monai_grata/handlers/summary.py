@@ -8,12 +8,14 @@ from collections.abc import Sequence
 
 from ignite.engine import Engine, Events
 
+from monai_grata.data.task import TaskSpec, resolve_task
+
 from .metrics_report import MetricsReport
 
 __all__ = ["RunSummary"]
 
 OUTPUTS = {
-    "masks": "masks/ (label maps: {legend})",
+    "masks": "masks/ (label maps{legend})",
     "overlays": "overlays/ (masks drawn over the images)",
     "metrics.json": "metrics.json",
     "per_image.csv": "per_image.csv",
@@ -37,11 +39,14 @@ class RunSummary:
         tracking_uri: the MLflow tracking URI of the run.
         skipped: the inputs left out (``[{"image", "reason"}, ...]``).
         stream: where to print (default ``sys.stdout``).
-        structures: the names of the segmented structures, for the Dice line (default: the fundus's).
-        mask_legend: what the values of the written label maps mean.
+        structures: the names of the segmented structures, for the Dice line (default: the ``task``'s, else the
+            report's channel names).
+        mask_legend: what the values of the written label maps mean (default: the ``task``'s, else none).
         tta_handler: the run's :class:`~monai_grata.handlers.TTAHandler`; its ``history`` of step statistics
             gives the count of updated batches (a batch counts as updated when its step size ``lr`` was > 0 and
             the step was not rolled back) and of those a gated GraTa's shift gate held (``gate_open`` 0).
+        task: the task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as ``"fundus"``), for the
+            default ``structures`` and ``mask_legend``.
     """
 
     def __init__(
@@ -54,14 +59,20 @@ class RunSummary:
         tracking_uri: str | None = None,
         skipped: Sequence[dict] = (),
         stream=None,
-        structures: Sequence[str] = ("disc", "cup"),
-        mask_legend: str = "0 background, 1 disc rim, 2 cup",
+        structures: Sequence[str] | None = None,
+        mask_legend: str | None = None,
         tta_handler=None,
+        task: TaskSpec | str | None = None,
     ) -> None:
+        task = resolve_task(task)
+        if task is not None:
+            structures = task.structures if structures is None else structures
+            mask_legend = task.mask_legend if mask_legend is None else mask_legend
         self.output_dir, self.method, self.source = output_dir, method, source
         self.report, self.reference, self.tracking_uri = report, reference, tracking_uri
         self.skipped, self.stream = list(skipped), stream
-        self.structures, self.mask_legend = tuple(structures), mask_legend
+        self.structures = None if structures is None else tuple(structures)
+        self.mask_legend = mask_legend
         self.n_images, self.domains = 0, []
         self.tta_handler = tta_handler
 
@@ -72,7 +83,8 @@ class RunSummary:
         if self.report is None or not self.report.summary:
             return ["No labels: no Dice (the masks are the result)."]
         columns = (["No Adapt"] if self.reference is not None and self.reference.summary else []) + [self.method]
-        title = f"Dice ({', '.join(self.structures)} mean)"
+        structures = self.structures or self.report.channel_names
+        title = f"Dice ({', '.join(structures)} mean)"
         widths = [max(10, len(c) + 2) for c in columns]  # a long method name keeps a gap to No Adapt
         lines = [f"  {title:<24}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))]
         domains = self.domains if len(self.domains) > 1 else []
@@ -104,7 +116,7 @@ class RunSummary:
         lines += self._dice_rows()
         lines += self._adaptation_rows()
         written = [
-            text.format(legend=self.mask_legend)
+            text.format(legend=f": {self.mask_legend}" if self.mask_legend else "")
             for name, text in OUTPUTS.items()
             if os.path.exists(os.path.join(self.output_dir, name))
         ]

@@ -1,7 +1,15 @@
 from .channels import EnsureImageChannels, EnsureImageChannelsd
 from .intensity import StrongIntensityAug, StrongIntensityAugd
 from .io import NIFTI_SUFFIXES, SaveMaskd, SaveOverlayd, is_nifti
-from .label import DiscCupFromLabel, DiscCupFromLabeld, LabelFromDiscCup, LabelFromDiscCupd, LabelFromMasksd
+from .label import (
+    DiscCupFromLabel,
+    DiscCupFromLabeld,
+    LabelFromDiscCup,
+    LabelFromDiscCupd,
+    LabelFromMasksd,
+    NestedChannelsFromLabel,
+    NestedChannelsFromLabeld,
+)
 from .views import IN_PLANE_3D, WEAK_VIEWS, WEAK_VIEWS_3D, WeakViews, WeakViewsd, weak_views
 
 __all__ = [
@@ -16,6 +24,8 @@ __all__ = [
     "LabelFromDiscCup",
     "LabelFromDiscCupd",
     "LabelFromMasksd",
+    "NestedChannelsFromLabel",
+    "NestedChannelsFromLabeld",
     "SaveMaskd",
     "SaveOverlayd",
     "StrongIntensityAug",

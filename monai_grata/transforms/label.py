@@ -9,7 +9,18 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-__all__ = ["DiscCupFromLabel", "DiscCupFromLabeld", "LabelFromDiscCup", "LabelFromDiscCupd", "LabelFromMasksd"]
+__all__ = [
+    "DiscCupFromLabel",
+    "DiscCupFromLabeld",
+    "LabelFromDiscCup",
+    "LabelFromDiscCupd",
+    "LabelFromMasksd",
+    "NestedChannelsFromLabel",
+    "NestedChannelsFromLabeld",
+]
+
+#: the names of fundus label values 1 and 2
+FUNDUS_STRUCTURES = ("optic disc rim", "optic cup")
 
 
 def _source_name(img: torch.Tensor) -> str:
@@ -18,18 +29,21 @@ def _source_name(img: torch.Tensor) -> str:
     return f" in {name!r}" if name else ""
 
 
-class DiscCupFromLabel(Transform):
-    """Turn a label map (0 background, 1 disc rim, 2 cup) into two nested binary channels.
-
-    Output channel 0 is the optic disc (label >= 1), channel 1 the optic cup (label == 2), so the
-    cup lies inside the disc as the anatomy requires; both are float tensors for sigmoid losses.
+class NestedChannelsFromLabel(Transform):
+    """Turn a label map of two nested structures (0 background, 1 outer structure only, 2 inner structure) into two
+    binary channels: channel 0 the outer structure including the inner one (label >= 1), channel 1 the inner
+    structure (label == 2), so the inner lies inside the outer as the anatomy requires (optic disc ⊃ cup, spinal
+    cord ⊃ gray matter); both are float tensors for sigmoid losses and for metrics.
 
     Args:
         allowed: the label values the map may hold; any other value raises ``ValueError``.
+        structures: the names of label values 1 and 2, for the error message.
     """
 
-    def __init__(self, allowed: tuple[int, ...] = (0, 1, 2)) -> None:
-        self.allowed = tuple(allowed)
+    def __init__(
+        self, allowed: tuple[int, ...] = (0, 1, 2), structures: tuple[str, str] = ("outer structure", "inner structure")
+    ) -> None:
+        self.allowed, self.structures = tuple(allowed), tuple(structures)
 
     def __call__(self, label: torch.Tensor) -> torch.Tensor:
         """
@@ -37,7 +51,7 @@ class DiscCupFromLabel(Transform):
             label: a label map of shape (1, *spatial) (or (*spatial) without channel).
 
         Returns:
-            A float tensor of shape (2, *spatial): [optic disc, optic cup].
+            A float tensor of shape (2, *spatial): [outer structure, inner structure].
         """
         label = convert_to_tensor(label, track_meta=True)
         if label.ndim >= 3 and label.shape[0] != 1:
@@ -48,7 +62,7 @@ class DiscCupFromLabel(Transform):
         if bad.numel():
             raise ValueError(
                 f"label values {bad.tolist()[:10]} outside {list(self.allowed)}{_source_name(label)}"
-                " (expected 0 background, 1 optic disc rim, 2 optic cup)"
+                f" (expected 0 background, 1 {self.structures[0]}, 2 {self.structures[1]})"
             )
         lab = label[0] if label.ndim >= 3 else label
         out = torch.stack([lab >= 1, lab == 2]).to(torch.float32)
@@ -59,7 +73,45 @@ class DiscCupFromLabel(Transform):
         return out
 
 
-class DiscCupFromLabeld(MapTransform):
+class NestedChannelsFromLabeld(MapTransform):
+    """Dictionary version of :class:`NestedChannelsFromLabel`.
+
+    Args:
+        keys: keys of the label maps to convert.
+        allowed: the label values the map may hold.
+        allow_missing_keys: do not raise when a key is absent (e.g. unlabelled target images).
+        structures: the names of label values 1 and 2, for the error message.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        allowed: tuple[int, ...] = (0, 1, 2),
+        allow_missing_keys: bool = False,
+        structures: tuple[str, str] = ("outer structure", "inner structure"),
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = NestedChannelsFromLabel(allowed, structures)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
+class DiscCupFromLabel(NestedChannelsFromLabel):
+    """:class:`NestedChannelsFromLabel` of fundus labels (0 background, 1 disc rim, 2 cup): [optic disc, optic cup].
+
+    Args:
+        allowed: the label values the map may hold; any other value raises ``ValueError``.
+    """
+
+    def __init__(self, allowed: tuple[int, ...] = (0, 1, 2)) -> None:
+        super().__init__(allowed, FUNDUS_STRUCTURES)
+
+
+class DiscCupFromLabeld(NestedChannelsFromLabeld):
     """Dictionary version of :class:`DiscCupFromLabel`.
 
     Args:
@@ -69,14 +121,7 @@ class DiscCupFromLabeld(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, allowed: tuple[int, ...] = (0, 1, 2), allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.converter = DiscCupFromLabel(allowed)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
+        super().__init__(keys, allowed, allow_missing_keys, FUNDUS_STRUCTURES)
 
 
 class LabelFromDiscCup(Transform):
