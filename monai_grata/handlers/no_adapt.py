@@ -10,6 +10,8 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose
 from torch import nn
 
+from monai_grata.data.task import TaskSpec
+
 from .metrics_report import MetricsReport
 
 __all__ = ["NoAdaptReference"]
@@ -31,12 +33,13 @@ class NoAdaptReference:
             surface distance), both with ``save_details=True`` (the default); the first is the key metric.
             Handlers of their own, not those of the adapted run's evaluator.
         output_dir: where the report writes.
-        channel_names: names of the output channels, for the report.
+        channel_names: names of the output channels, for the report (default: the task's).
         group_key: the batch key to summarise per group (e.g. ``"domain"``), or ``None``.
         extra_metrics: the summary entries, by substring, that :meth:`extra` offers the adapted run's report.
         json_name: the report's summary file.
         csv_name: the report's per-image file.
         progress: the progress bar's label for the reference pass, or ``None`` for no progress bar.
+        task: the task (or its name, e.g. ``"fundus"``) whose channel names the report uses.
     """
 
     def __init__(
@@ -45,12 +48,13 @@ class NoAdaptReference:
         postprocessing: Callable | Sequence[Callable],
         metrics: Mapping,
         output_dir: str,
-        channel_names: Sequence[str] = ("od", "oc"),
+        channel_names: Sequence[str] | None = None,
         group_key: str | None = "domain",
         extra_metrics: Sequence[str] = ("dice",),
         json_name: str = "no_adapt_metrics.json",
         csv_name: str = "no_adapt_per_image.csv",
         progress: str | None = "no adaptation",
+        task: TaskSpec | str | None = None,
     ) -> None:
         if not metrics:
             raise ValueError("the No-Adapt reference needs at least one metric to score")
@@ -65,6 +69,7 @@ class NoAdaptReference:
             group_key=group_key,
             json_name=json_name,
             csv_name=csv_name,
+            task=task,
         )
 
     def attach(self, engine: Engine) -> None:
