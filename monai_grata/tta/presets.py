@@ -4,10 +4,9 @@ names (``--methods default paper source_prior``)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 
-from .base import adapter_class
+from .base import adapter_defaults
 
 __all__ = ["PRESETS", "resolve_method"]
 
@@ -30,8 +29,7 @@ PRESETS: dict[str, dict] = {
 
 def _constructor_defaults(name: str) -> dict:
     """The keyword defaults of the registered adapter ``name``'s constructor."""
-    parameters = inspect.signature(adapter_class(name).__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return adapter_defaults(name)
 
 
 def resolve_method(method: str, adapter_kwargs: Mapping[str, Mapping] | None = None) -> tuple[str, dict]:
