@@ -42,6 +42,7 @@ __all__ = [
     "frozen_statistics",
     "normalisation_statistics",
     "per_group_batch_norm",
+    "replace_batch_norms",
     "track_test_statistics",
     "update_running_statistics",
 ]
@@ -273,12 +274,21 @@ class AdaptiveBatchNorm(nn.Module):
         return out.reshape(x.shape)
 
 
-def _replace_batch_norms(
-    model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None], what: str
-) -> list[nn.Module]:
-    """Swap every BatchNorm layer of ``model`` for ``replacement(layer)`` (None: keep it); return the new layers."""
+def replace_batch_norms(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> list[nn.Module]:
+    """Swap every BatchNorm layer of ``model`` (in place, by MONAI's ``replace_modules``) for ``replacement(layer)``.
+
+    Args:
+        model: the network (not itself a BatchNorm layer).
+        replacement: the layer to put in a BatchNorm's place; None or the layer itself keeps it.
+
+    Returns:
+        The layers put in.
+
+    Raises:
+        ValueError: ``model`` is a BatchNorm layer.
+    """
     if isinstance(model, (nn.modules.batchnorm._BatchNorm, AdaptiveBatchNorm)):
-        raise ValueError(f"{what} swaps the BatchNorm layers inside a network: wrap the layer in one")
+        raise ValueError("the BatchNorm layers swapped are those inside a network: wrap the layer in one")
     replaced = []
     for name, layer in batch_norm_layers(model):
         new = replacement(layer)
@@ -311,7 +321,7 @@ def convert_to_adaptive_batch_norm(model: nn.Module, policy: BatchNormPolicy | N
             return layer
         return AdaptiveBatchNorm(layer, policy)
 
-    _replace_batch_norms(model, adaptive, "convert_to_adaptive_batch_norm")
+    replace_batch_norms(model, adaptive)
     return model
 
 
@@ -341,9 +351,7 @@ def convert_to_batch_norm(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     """
-    _replace_batch_norms(
-        model, lambda m: _plain_batch_norm(m) if isinstance(m, AdaptiveBatchNorm) else None, "convert_to_batch_norm"
-    )
+    replace_batch_norms(model, lambda m: _plain_batch_norm(m) if isinstance(m, AdaptiveBatchNorm) else None)
     return model
 
 
