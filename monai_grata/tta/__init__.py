@@ -8,7 +8,6 @@ from .base import (
     adapter_names,
     build_adapter,
     collect_norm_params,
-    configure_batch_statistics,
     register_adapter,
 )
 from .calibration import per_batch_shifts, read_shift_threshold, shift_threshold
@@ -73,7 +72,6 @@ __all__ = [
     "adapter_names",
     "build_adapter",
     "collect_norm_params",
-    "configure_batch_statistics",
     "consistency_loss",
     "entropy_loss",
     "per_group_batch_norm",

@@ -23,7 +23,6 @@ __all__ = [
     "adapter_names",
     "build_adapter",
     "collect_norm_params",
-    "configure_batch_statistics",
     "register_adapter",
 ]
 
@@ -138,20 +137,6 @@ def collect_norm_params(model: nn.Module) -> list[nn.Parameter]:
             "(BatchNorm, InstanceNorm(affine=True), GroupNorm or LayerNorm): nothing to adapt"
         )
     return params
-
-
-def configure_batch_statistics(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm normalise with the current batch's statistics, in train and eval mode alike.
-
-    Removing the running statistics (as TENT does) keeps this true when an engine calls ``model.eval()``.
-    """
-    for _, module in _norm_layers(model):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # DLTTA keeps them aside itself
-            module.track_running_stats = False
-            module.running_mean = None
-            module.running_var = None
-            module.num_batches_tracked = None
-    return model
 
 
 def _snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
