@@ -163,7 +163,6 @@ class AdaptiveBatchNorm(nn.Module):
         self.source_type, self.source_momentum = type(source), source.momentum
         self.source_tracks_running_stats = source.track_running_stats
         self.train(source.training)
-        self.policy = BatchNormPolicy()
         self.configure(policy or BatchNormPolicy())
         #: the number of equal consecutive groups (views) of a batch, each normalised by its own statistics
         self.groups = 1
@@ -221,11 +220,10 @@ class AdaptiveBatchNorm(nn.Module):
             raise ValueError("statistics of a per-group forward are not one set per layer: record them outside it")
         if self.frozen is not None:
             return self.frozen[0].clone(), self.frozen[1].clone()
-        if self.running_update is None and math.isinf(self.policy.prior):
+        if self.running_update is not None:  # train-mode BatchNorm: the batch's mean and (biased) variance
+            var, mean = _group_statistics(x[None], "mean")
+        elif math.isinf(self.policy.prior):
             return self.running_mean.clone(), self.running_var.clone()
-        statistic = "mean" if self.running_update is not None else self.policy.statistic
-        if self.running_update is not None or self.policy.prior == 0:
-            var, mean = _group_statistics(x[None], statistic)
         else:
             mean, var, _, _ = self._mixed_statistics(x[None])
         return mean.reshape(-1), var.reshape(-1)
