@@ -15,6 +15,9 @@ layers back in. Where the statistics come from is said by the layer's fields:
 - ``frozen``: fixed (mean, var) used whatever the batch (:func:`frozen_statistics`);
 - ``running_update``: PyTorch's train-mode BatchNorm with that momentum, moving the running statistics
   (:func:`update_running_statistics`, DUA).
+
+DomainAdaptor's AdaMixBN, whose rule rewrites the affine parameters once per batch, is a layer of its own
+(:class:`~monai_grata.tta.domainadaptor.AdaMixBatchNorm`), swapped in by the same :func:`replace_batch_norms`.
 """
 
 from __future__ import annotations
