@@ -21,7 +21,7 @@ import torch
 from monai_grata.benchmark import load_target
 from monai_grata.data import domain_datalist, split_train_val
 from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import batch_norm_shift, source_prior_batch_norm
+from monai_grata.tta import BatchNormPolicy, batch_norm_shift, convert_to_adaptive_batch_norm
 
 DOMAINS = ["drishti_gs", "refuge_train", "refuge_val"]
 
@@ -43,7 +43,7 @@ def main() -> None:
     for source in DOMAINS:
         ckpt = f"{args.models_dir}/source_{source}.pt"
         network = load_weights(resunet(decoder=checkpoint_decoder(ckpt)), ckpt).eval()
-        model = source_prior_batch_norm(network, args.bn_prior)
+        model = convert_to_adaptive_batch_norm(network, BatchNormPolicy(prior=args.bn_prior))
         sets = {f"{source} training split": split_train_val(domain_datalist(args.dataset_dir, source))[0]}
         for target in DOMAINS:
             if target != source:

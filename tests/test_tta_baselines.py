@@ -15,14 +15,16 @@ from monai_grata.tta import (
     DLTTA,
     DUA,
     SAR,
+    BatchNormPolicy,
     DomainAdaptor,
     MedBN,
     adapter_class,
     adapter_names,
     build_adapter,
+    convert_to_adaptive_batch_norm,
+    convert_to_batch_norm,
     dua_copies,
     generalized_entropy_loss,
-    median_batch_norm,
     pixel_entropy,
     symmetric_kl,
     update_running_statistics,
@@ -204,16 +206,21 @@ def median_reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_median_batch_norm_matches_the_reference_and_mixes_a_prior():
+def median_net(net: nn.Module, prior: float = 0.0) -> nn.Module:
+    """A copy of ``net`` whose BatchNorm layers normalise with median statistics mixed with a prior."""
+    return convert_to_adaptive_batch_norm(copy.deepcopy(net), BatchNormPolicy(prior=prior, statistic="median"))
+
+
+def test_median_statistics_match_the_reference_and_mix_a_prior():
     x = torch.rand(2, 3, 16, 16) * 3 + 1
     net = tiny_net()
     with torch.no_grad():
-        torch.testing.assert_close(median_batch_norm(copy.deepcopy(net))(x), median_reference(net, x))
-        tiny_prior = median_batch_norm(copy.deepcopy(net), prior=1e-9)(x)
+        torch.testing.assert_close(median_net(net)(x), median_reference(net, x))
+        tiny_prior = median_net(net, prior=1e-9)(x)
         torch.testing.assert_close(tiny_prior, median_reference(net, x), rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(median_batch_norm(copy.deepcopy(net), prior=64.0)(x), median_reference(net, x))
+        assert not torch.allclose(median_net(net, prior=64.0)(x), median_reference(net, x))
     with pytest.raises(ValueError, match="prior"):
-        median_batch_norm(tiny_net(), prior=math.inf)
+        BatchNormPolicy(prior=math.inf, statistic="median")
 
 
 def test_medbn_is_tent_on_median_statistics():
@@ -256,16 +263,24 @@ def test_dua_copies_are_crops_flips_and_rotations_of_the_image():
     assert len(dua_copies(torch.rand(3, 8, 12), 4, torch.Generator())) == 4  # non-square: half turns only
 
 
-def test_update_running_statistics_restores_mode_and_momentum():
-    net = tiny_net().eval()
-    bn = net[1]
+def test_update_running_statistics_is_train_mode_batch_norm_inside_the_context_only():
+    net = convert_to_adaptive_batch_norm(tiny_net().eval(), BatchNormPolicy(prior=math.inf))
+    reference = convert_to_batch_norm(copy.deepcopy(net)).train()
+    for layer in (reference[1], reference[4]):
+        layer.momentum = 0.5
+    bn, x = net[1], torch.rand(2, 3, 8, 8)
     before = bn.running_mean.clone()
-    with update_running_statistics(net, 0.5):
-        assert bn.training and bn.momentum == 0.5
-        net(torch.rand(2, 3, 8, 8))
-    assert not bn.training and bn.momentum == 0.1 and not torch.equal(before, bn.running_mean)
+    with torch.no_grad(), update_running_statistics(net, 0.5):
+        assert bn.running_update == 0.5
+        torch.testing.assert_close(net(x), reference(x))
+    assert bn.running_update is None and not torch.equal(before, bn.running_mean)
+    torch.testing.assert_close(bn.running_mean, reference[1].running_mean)
+    torch.testing.assert_close(bn.running_var, reference[1].running_var)  # unbiased, as PyTorch's
     with pytest.raises(ValueError, match="momentum"):
         with update_running_statistics(net, 0.0):
+            pass
+    with pytest.raises(ValueError, match="plain"):
+        with update_running_statistics(tiny_net(), 0.5):
             pass
 
 

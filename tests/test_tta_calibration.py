@@ -12,7 +12,7 @@ from torch import nn
 
 from monai_grata.data import BadInputError, MissingInputError
 from monai_grata.networks import save_half_precision
-from monai_grata.tta import GraTa, batch_norm_shift, source_prior_batch_norm
+from monai_grata.tta import AdaptiveBatchNorm, BatchNormPolicy, GraTa, batch_norm_shift, convert_to_adaptive_batch_norm
 from monai_grata.tta.calibration import (
     load_shift_calibration,
     per_batch_shifts,
@@ -61,11 +61,11 @@ def test_shifts_are_measured_as_the_gate_measures_them_and_leave_the_model_alone
     net, x = _tiny_net(), _images(1, 0.8, 0.2, seed=3)[0]
     before = {k: v.clone() for k, v in net.state_dict().items()}
     (shift,) = per_batch_shifts(net, [x], bn_prior=256)
-    assert all(not hasattr(m, "_tta_prior") for m in net.modules())  # a copy was configured, not the model
+    assert not any(isinstance(m, AdaptiveBatchNorm) for m in net.modules())  # a copy was configured, not the model
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    reference = batch_norm_shift(source_prior_batch_norm(_tiny_net().eval(), 256.0), x)
+    reference = batch_norm_shift(convert_to_adaptive_batch_norm(_tiny_net().eval(), BatchNormPolicy(prior=256.0)), x)
     assert shift == pytest.approx(float(reference), rel=1e-6)
-    gate = GraTa(_tiny_net(), bn_prior=256, min_shift=0.0, seed=0)
+    gate = GraTa(_tiny_net(), normalization=BatchNormPolicy(prior=256), min_shift=0.0, seed=0)
     gate(x)
     assert float(gate.last_stats["stream_shift"]) == pytest.approx(shift, rel=1e-5)
 

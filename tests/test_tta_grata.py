@@ -8,7 +8,15 @@ from torch import nn
 
 from monai_grata.networks.slicewise import SliceWise
 from monai_grata.transforms import StrongIntensityAug, weak_views
-from monai_grata.tta import ACTIVATIONS, GraTa, Tent, batch_norm_shift, build_adapter, per_group_batch_norm
+from monai_grata.tta import (
+    ACTIVATIONS,
+    BatchNormPolicy,
+    GraTa,
+    Tent,
+    batch_norm_shift,
+    build_adapter,
+    per_group_batch_norm,
+)
 
 
 def tiny_net(out_channels: int = 2, norm: type = nn.BatchNorm2d) -> nn.Module:
@@ -322,11 +330,11 @@ def test_steps_repeat_the_update():
 
 def test_min_shift_updates_only_while_the_stream_looks_shifted():
     x = torch.rand(1, 3, 16, 16)
-    probe = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=0.0)
+    probe = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=0.0)
     probe(x)
     shift = float(probe.last_stats["stream_shift"])
     assert shift > 0 and "cos" in probe.last_stats  # above the threshold: the usual update
-    gated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=shift * 2)
+    gated = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=shift * 2)
     before = [p.detach().clone() for p in gated.params]
     gated(x)
     assert float(gated.last_stats["lr"]) == 0 and float(gated.last_stats["gate_open"]) == 0
@@ -341,8 +349,8 @@ def test_min_shift_updates_only_while_the_stream_looks_shifted():
     gated(x)
     assert float(gated.last_stats["stream_shift"]) == pytest.approx(shift, rel=1e-5)
     with pytest.raises(ValueError, match="min_shift"):
-        GraTa(tiny_net(), bn_prior=16, min_shift=-1)
-    with pytest.raises(ValueError, match="bn_prior 0 discards"):
+        GraTa(tiny_net(), normalization=BatchNormPolicy(prior=16), min_shift=-1)
+    with pytest.raises(ValueError, match="bn_prior 0 ignores"):
         GraTa(tiny_net(), min_shift=0.2)
 
 
@@ -389,7 +397,7 @@ def count_forwards(adapter: GraTa) -> list[int]:
 def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
     torch.manual_seed(1)
     x = torch.rand(1, 3, 16, 16)
-    gated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=0.0, steps=2)
+    gated = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=0.0, steps=2)
     separate = batch_norm_shift(copy.deepcopy(gated.model), x)  # the forward the gate used to take
     forwards = count_forwards(gated)
     gated.adapt_batch(x)
@@ -397,23 +405,25 @@ def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
     torch.testing.assert_close(gated.last_stats["stream_shift"], separate, rtol=1e-6, atol=1e-7)
     assert forwards[0] == 2 * 3  # per update: entropy, weak views (one batch), strong view; no gate forward
     # the updates are those of the same GraTa without the gate (its first entropy forward is the one reused)
-    ungated = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, steps=2)
+    ungated = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), steps=2)
     ungated.adapt_batch(x)
     assert all(torch.equal(a, b) for a, b in zip(gated.params, ungated.params, strict=True))
     # a shut gate: that one forward, no update
-    shut = GraTa(tiny_net(), beta=1e-2, seed=3, bn_prior=16, min_shift=float(separate) * 2)
+    shut = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=float(separate) * 2)
     forwards = count_forwards(shut)
     shut.adapt_batch(x)
     assert forwards[0] == 1 and float(shut.last_stats["gate_open"]) == 0 and shut.n_updated == 0
     # with the consistency loss as the auxiliary one there is no entropy forward at θ: a separate forward
-    swapped = GraTa(tiny_net(), aux="consistency", pseudo="entropy", bn_prior=16, min_shift=0.0)
+    swapped = GraTa(
+        tiny_net(), aux="consistency", pseudo="entropy", normalization=BatchNormPolicy(prior=16), min_shift=0.0
+    )
     forwards = count_forwards(swapped)
     swapped.adapt_batch(x)
     assert forwards[0] == 1 + 3
     torch.testing.assert_close(swapped.last_stats["stream_shift"], separate, rtol=1e-6, atol=1e-7)
     # a prior that follows the stream moves only in the prediction forward: each gate reading is the separate
     # forward's at the weights and prior the batch starts from
-    following = GraTa(tiny_net(), beta=1e-2, bn_prior=16, bn_momentum=0.2, min_shift=0.0)
+    following = GraTa(tiny_net(), beta=1e-2, normalization=BatchNormPolicy(prior=16, momentum=0.2), min_shift=0.0)
     shifts = []
     for batch in (x, x * 2 + 1):
         shifts.append(batch_norm_shift(copy.deepcopy(following.model), batch))
@@ -425,8 +435,10 @@ def test_settle_updates_fewer_batches_until_the_shift_moves():
     torch.manual_seed(2)
     base = torch.rand(1, 3, 16, 16)
     similar = [base + 0.01 * torch.randn_like(base) for _ in range(8)]
-    every = GraTa(tiny_net(), beta=1e-2, bn_prior=16)
-    settling = GraTa(tiny_net(), beta=1e-2, bn_prior=16, settle=2, settle_every=3, settle_tolerance=0.5)
+    every = GraTa(tiny_net(), beta=1e-2, normalization=BatchNormPolicy(prior=16))
+    settling = GraTa(
+        tiny_net(), beta=1e-2, normalization=BatchNormPolicy(prior=16), settle=2, settle_every=3, settle_tolerance=0.5
+    )
     skipped = []
     for x in similar:
         every(x), settling(x)
@@ -444,15 +456,15 @@ def test_settle_updates_fewer_batches_until_the_shift_moves():
     settling.reset()
     settling(base)
     assert float(settling.last_stats["settled"]) == 0 and settling.settle_schedule.updates == 1
-    with pytest.raises(ValueError, match="bn_prior 0 discards"):
+    with pytest.raises(ValueError, match="bn_prior 0 ignores"):
         GraTa(tiny_net(), settle=2)
     with pytest.raises(ValueError, match="settle_every"):
-        GraTa(tiny_net(), bn_prior=16, settle=2, settle_every=0)
+        GraTa(tiny_net(), normalization=BatchNormPolicy(prior=16), settle=2, settle_every=0)
 
 
 def test_settle_with_the_gate_counts_only_updates_the_gate_lets_through():
     x = torch.rand(1, 3, 16, 16)
-    shut = GraTa(tiny_net(), bn_prior=16, min_shift=1e6, settle=1, settle_tolerance=1e6)
+    shut = GraTa(tiny_net(), normalization=BatchNormPolicy(prior=16), min_shift=1e6, settle=1, settle_tolerance=1e6)
     for _ in range(3):
         shut(x)
         assert float(shut.last_stats["gate_open"]) == 0 and float(shut.last_stats["settled"]) == 0

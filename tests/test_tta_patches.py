@@ -6,16 +6,16 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from monai_grata.tta import (
+    AdaptiveBatchNorm,
+    BatchNormPolicy,
     GraTa,
     PatchAdaptation,
     build_adapter,
-    configure_batch_statistics,
+    convert_to_adaptive_batch_norm,
     frozen_statistics,
-    median_batch_norm,
     normalisation_statistics,
     patch_positions,
     sample_patches,
-    source_prior_batch_norm,
 )
 
 from .test_tta_grata import tiny_net_3d
@@ -49,11 +49,11 @@ def test_frozen_statistics_reproduce_the_recorded_forward(configure):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
     if configure == "batch":
-        configure_batch_statistics(net)
+        convert_to_adaptive_batch_norm(net)
     elif configure == "prior":
-        source_prior_batch_norm(net.eval(), prior=3.0)
+        convert_to_adaptive_batch_norm(net.eval(), BatchNormPolicy(prior=3.0))
     elif configure == "median":
-        median_batch_norm(net, prior=2.0)
+        convert_to_adaptive_batch_norm(net, BatchNormPolicy(prior=2.0, statistic="median"))
     net.eval()
     x, other = torch.rand(4, 1, 6, 6, 3), torch.rand(2, 1, 6, 6, 3) * 5
     with torch.no_grad():
@@ -63,7 +63,9 @@ def test_frozen_statistics_reproduce_the_recorded_forward(configure):
             torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-5)
             # any other batch is normalised with the same statistics, sample by sample
             torch.testing.assert_close(net(other)[:1], net(other[:1]), rtol=0, atol=1e-5)
-    assert all("forward" not in vars(m) or configure in ("prior", "median") for m in net.modules())
+    kinds = {type(m) for m in net.modules() if isinstance(m, (nn.BatchNorm3d, AdaptiveBatchNorm))}
+    assert kinds == ({nn.BatchNorm3d} if configure == "eval" else {AdaptiveBatchNorm})  # plain layers put back
+    assert all(m.frozen is None for m in net.modules() if isinstance(m, AdaptiveBatchNorm))
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected, rtol=0, atol=0)  # the layers' own forward is back
 

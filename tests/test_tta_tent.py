@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from monai_grata.tta import MedBN, Tent, build_adapter, median_batch_norm
+from monai_grata.tta import BatchNormPolicy, MedBN, Tent, build_adapter, convert_to_adaptive_batch_norm
 
 from .test_tta_grata import tiny_net
 
@@ -103,7 +103,7 @@ def test_predict_before_after_a_skipped_or_rolled_back_update():
 def test_a_following_prior_moves_once_per_batch_in_either_order(predict):
     net = tiny_net()
     source_mean = net[1].running_mean.clone()
-    adapter = Tent(net, lr=1e-2, bn_prior=4.0, bn_momentum=0.5, predict=predict)
+    adapter = Tent(net, lr=1e-2, normalization=BatchNormPolicy(prior=4.0, momentum=0.5), predict=predict)
     x = images(1)[0]
     adapter(x)
     with torch.no_grad():  # the first BatchNorm sees the (not adapted) first convolution's output
@@ -117,7 +117,7 @@ def test_medbn_returns_the_median_normalised_prediction_before_its_update():
     net = tiny_net()
     x = images(1)[0]
     with torch.no_grad():
-        expected = median_batch_norm(copy.deepcopy(net))(x)
+        expected = convert_to_adaptive_batch_norm(copy.deepcopy(net), BatchNormPolicy(statistic="median"))(x)
     adapter = MedBN(net, lr=1e-2)
     assert adapter.predict == "before"
     torch.testing.assert_close(adapter(x), expected)

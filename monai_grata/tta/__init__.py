@@ -4,20 +4,11 @@ from .base import (
     NORM_LAYERS,
     TTAdapter,
     adapter_class,
+    adapter_defaults,
     adapter_names,
     build_adapter,
     collect_norm_params,
-    configure_batch_statistics,
     register_adapter,
-)
-from .batchnorm import (
-    batch_statistics_weight,
-    median_batch_norm,
-    per_group_batch_norm,
-    set_prior_strength,
-    source_prior_batch_norm,
-    track_test_statistics,
-    update_running_statistics,
 )
 from .calibration import per_batch_shifts, read_shift_threshold, shift_threshold
 from .detta import DeTTA, blind_spot, denoising_loss
@@ -26,11 +17,22 @@ from .dltta import DLTTA, symmetric_kl
 from .domainadaptor import DomainAdaptor, generalized_entropy_loss
 from .dua import DUA, dua_copies
 from .features import FeatureTap
-from .frozen_statistics import frozen_statistics, normalisation_statistics
 from .grata import ACTIVATIONS, GraTa
 from .losses import consistency_loss, entropy_loss, probabilities
 from .medbn import MedBN
 from .norm import BatchNormStatistics, SelectedBatchNormStatistics
+from .normalization import (
+    AdaptiveBatchNorm,
+    BatchNormPolicy,
+    batch_statistics_weight,
+    convert_to_adaptive_batch_norm,
+    convert_to_batch_norm,
+    frozen_statistics,
+    normalisation_statistics,
+    per_group_batch_norm,
+    track_test_statistics,
+    update_running_statistics,
+)
 from .patches import PatchAdaptation, patch_positions, sample_patches
 from .presets import PRESETS, effective_options, resolve_method
 from .sar import SAR, pixel_entropy
@@ -56,7 +58,6 @@ __all__ = [
     "patch_positions",
     "sample_patches",
     "generalized_entropy_loss",
-    "median_batch_norm",
     "pixel_entropy",
     "symmetric_kl",
     "update_running_statistics",
@@ -71,12 +72,14 @@ __all__ = [
     "adapter_names",
     "build_adapter",
     "collect_norm_params",
-    "configure_batch_statistics",
     "consistency_loss",
     "entropy_loss",
     "per_group_batch_norm",
-    "set_prior_strength",
-    "source_prior_batch_norm",
+    "AdaptiveBatchNorm",
+    "BatchNormPolicy",
+    "convert_to_adaptive_batch_norm",
+    "convert_to_batch_norm",
+    "adapter_defaults",
     "track_test_statistics",
     "batch_statistics_weight",
     "batch_norm_shift",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 
@@ -10,21 +12,29 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .batchnorm import source_prior_batch_norm, track_test_statistics
+from .normalization import AdaptiveBatchNorm, BatchNormPolicy, convert_to_adaptive_batch_norm, track_test_statistics
 
 __all__ = [
     "NORM_LAYERS",
     "PREDICTION_ORDERS",
     "TTAdapter",
     "adapter_class",
+    "adapter_defaults",
     "adapter_names",
     "build_adapter",
     "collect_norm_params",
-    "configure_batch_statistics",
     "register_adapter",
 ]
 
-NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    AdaptiveBatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+#: the flat options :func:`build_adapter` turns into an adapter's :class:`~monai_grata.tta.BatchNormPolicy`
+NORMALIZATION_OPTIONS = {"bn_prior": "prior", "bn_momentum": "momentum"}
 #: what ``adapter(x)`` returns: the prediction before or after the update on ``x``
 PREDICTION_ORDERS = ("before", "after")
 _REGISTRY: dict[str, type[TTAdapter]] = {}
@@ -57,15 +67,50 @@ def adapter_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_adapter(name: str, model: nn.Module, **kwargs) -> TTAdapter:
+def _takes_normalization(cls: type[TTAdapter]) -> bool:
+    return "normalization" in inspect.signature(cls).parameters
+
+
+def adapter_defaults(name: str) -> dict:
+    """The options :func:`build_adapter` takes for the adapter registered as ``name``, with their defaults: its
+    constructor's keyword arguments, the policy ``normalization`` given as the flat options ``bn_prior`` and
+    ``bn_momentum`` of the adapter's default policy."""
+    cls = adapter_class(name)
+    parameters = inspect.signature(cls).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    if "normalization" in defaults:
+        policy = cls.resolve_normalization(defaults.pop("normalization"))
+        defaults.update({flat: getattr(policy, field) for flat, field in NORMALIZATION_OPTIONS.items()})
+    return defaults
+
+
+def build_adapter(
+    name: str, model: nn.Module, bn_prior: float | None = None, bn_momentum: float | None = None, **kwargs
+) -> TTAdapter:
     """Wrap ``model`` in the adapter registered as ``name`` (e.g. ``"grata"``, ``"tent"``).
 
     Args:
         name: a registered adapter name.
         model: the source model; it is adapted in place.
+        bn_prior: the flat form of the policy's ``prior`` (:class:`~monai_grata.tta.BatchNormPolicy`), for adapters
+            that take a ``normalization`` policy; None: the adapter's default.
+        bn_momentum: likewise, the policy's ``momentum``.
         kwargs: the adapter's constructor arguments.
+
+    Raises:
+        ValueError: an unknown name, ``bn_prior``/``bn_momentum`` for an adapter without a BatchNorm policy or
+            together with ``normalization``, or a bad policy.
     """
-    return adapter_class(name)(model, **kwargs)
+    cls = adapter_class(name)
+    flat = {k: v for k, v in (("bn_prior", bn_prior), ("bn_momentum", bn_momentum)) if v is not None}
+    if flat:
+        if not _takes_normalization(cls):
+            raise ValueError(f"{name} takes no BatchNorm policy: drop {sorted(flat)}")
+        if kwargs.get("normalization") is not None:
+            raise ValueError(f"give {name} either normalization or {sorted(flat)}, not both")
+        fields = {NORMALIZATION_OPTIONS[k]: float(v) for k, v in flat.items()}
+        kwargs["normalization"] = dataclasses.replace(cls.default_normalization, **fields)
+    return cls(model, **kwargs)
 
 
 def _norm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -92,20 +137,6 @@ def collect_norm_params(model: nn.Module) -> list[nn.Parameter]:
             "(BatchNorm, InstanceNorm(affine=True), GroupNorm or LayerNorm): nothing to adapt"
         )
     return params
-
-
-def configure_batch_statistics(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm normalise with the current batch's statistics, in train and eval mode alike.
-
-    Removing the running statistics (as TENT does) keeps this true when an engine calls ``model.eval()``.
-    """
-    for _, module in _norm_layers(model):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.track_running_stats = False
-            module.running_mean = None
-            module.running_var = None
-            module.num_batches_tracked = None
-    return model
 
 
 def _snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
@@ -141,11 +172,9 @@ class TTAdapter(nn.Module):
     Args:
         model: the source model, adapted in place.
         episodic: reset to the source state before every batch (otherwise adaptation is continual).
-        bn_prior: how BatchNorm normalises. 0 (the papers' setting): with the test batch's own statistics;
-            N > 0: with the test statistics mixed with the source running statistics, the source counted as N
-            samples (:func:`~monai_grata.tta.source_prior_batch_norm`); ``math.inf``: with the source statistics.
-        bn_momentum: with ``bn_prior`` > 0, how fast the prior follows the test stream: after each prediction the
-            running statistics move by this fraction towards the batch's (0: the prior stays the source's).
+        normalization: how every BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; None: the class's
+            ``default_normalization``, the test batch's own statistics as in the papers). A prior that follows the
+            stream (``momentum``) moves once per batch, in its prediction forward.
         predict: which prediction ``adapter(x)`` returns: ``"after"`` (the model updated on ``x`` predicts it) or
             ``"before"`` (the logits of the forward the update's loss was computed from, as TENT, SAR and MedBN
             return them; only methods that compute their loss through :meth:`loss_forward` have them, and a batch
@@ -154,23 +183,20 @@ class TTAdapter(nn.Module):
 
     #: whether results depend on a random seed (a benchmark then runs several seeds)
     stochastic: bool = False
+    #: the BatchNorm policy when the constructor gets none
+    default_normalization: BatchNormPolicy = BatchNormPolicy()
 
     def __init__(
         self,
         model: nn.Module,
         episodic: bool = False,
-        bn_prior: float = 0.0,
-        bn_momentum: float = 0.0,
+        normalization: BatchNormPolicy | None = None,
         predict: str = "after",
     ) -> None:
         super().__init__()
         if predict not in PREDICTION_ORDERS:
             raise ValueError(f"predict must be one of {PREDICTION_ORDERS} (relative to the update), got {predict!r}")
-        if not bn_prior >= 0:
-            raise ValueError(f"bn_prior must be >= 0 (0: test statistics only, inf: source statistics), got {bn_prior}")
-        if bn_momentum and not bn_prior:
-            raise ValueError("bn_momentum needs a source prior (bn_prior > 0): with bn_prior 0 there is none to update")
-        self.bn_prior, self.bn_momentum = float(bn_prior), float(bn_momentum)
+        self.normalization = self.resolve_normalization(normalization)
         self.model = self.configure_model(model)
         self.params = self.collect_params(self.model)
         self.model.requires_grad_(False)
@@ -187,11 +213,23 @@ class TTAdapter(nn.Module):
         self._source_model = copy.deepcopy(self.model.state_dict())
         self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
+    @classmethod
+    def resolve_normalization(cls, normalization: BatchNormPolicy | None) -> BatchNormPolicy:
+        """``normalization``, or the class's default policy when it is None.
+
+        Raises:
+            TypeError: something other than a :class:`~monai_grata.tta.BatchNormPolicy`.
+        """
+        if normalization is None:
+            return cls.default_normalization
+        if not isinstance(normalization, BatchNormPolicy):
+            raise TypeError(f"normalization must be a BatchNormPolicy or None, got {type(normalization).__name__}")
+        return normalization
+
     def configure_model(self, model: nn.Module) -> nn.Module:
-        """Prepare the model for adaptation (default: eval mode; every BatchNorm normalises as ``bn_prior`` says)."""
-        if self.bn_prior == 0:
-            return configure_batch_statistics(model.eval())
-        return source_prior_batch_norm(model.eval(), self.bn_prior, self.bn_momentum)
+        """Prepare the model for adaptation (default: eval mode; every BatchNorm an
+        :class:`~monai_grata.tta.AdaptiveBatchNorm` that normalises as :attr:`normalization` says)."""
+        return convert_to_adaptive_batch_norm(model.eval(), self.normalization)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters to adapt (default: normalisation affine parameters)."""
@@ -209,7 +247,7 @@ class TTAdapter(nn.Module):
         """The model's forward of ``x`` that the update's loss is computed from (with gradients).
 
         With ``predict="before"``, inside :meth:`forward`, the first such forward of a batch is its prediction: its
-        logits are kept, detached, in ``logits_before``, and it moves a following BatchNorm prior (``bn_momentum``)
+        logits are kept, detached, in ``logits_before``, and it moves a following BatchNorm prior (``momentum``)
         as the prediction forward does with ``predict="after"``, so the prior moves once per batch either way.
         Later forwards of the batch (e.g. SAR's at perturbed weights) are plain forwards.
         """

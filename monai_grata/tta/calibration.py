@@ -33,7 +33,7 @@ from torch import nn
 
 from monai_grata.data.checks import BadInputError, MissingInputError
 
-from .batchnorm import source_prior_batch_norm
+from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm
 from .shift import batch_norm_shift
 
 __all__ = [
@@ -61,7 +61,7 @@ SHIFT_RULE = (
 def per_batch_shifts(model: nn.Module, batches: Iterable[torch.Tensor], bn_prior: float) -> list[float]:
     """The :func:`~monai_grata.tta.batch_norm_shift` of each batch, measured as the gate measures it: the source
     weights, every BatchNorm on the source prior of strength ``bn_prior``
-    (:func:`~monai_grata.tta.source_prior_batch_norm`). ``model`` itself is left as it is (a copy is measured).
+    (:class:`~monai_grata.tta.BatchNormPolicy`). ``model`` itself is left as it is (a copy is measured).
 
     Args:
         model: the source network (BatchNorm layers with running statistics).
@@ -72,7 +72,9 @@ def per_batch_shifts(model: nn.Module, batches: Iterable[torch.Tensor], bn_prior
     Raises:
         ValueError: ``bn_prior`` not positive, or a model without BatchNorm running statistics.
     """
-    gauged = source_prior_batch_norm(copy.deepcopy(model).eval(), bn_prior)
+    if not bn_prior > 0:
+        raise ValueError(f"the shift is measured on a source prior: bn_prior must be positive, got {bn_prior}")
+    gauged = convert_to_adaptive_batch_norm(copy.deepcopy(model).eval(), BatchNormPolicy(prior=bn_prior))
     return [float(batch_norm_shift(gauged, x)) for x in batches]
 
 

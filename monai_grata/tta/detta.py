@@ -21,6 +21,7 @@ from monai_grata.networks.denoiser import (
 )
 
 from .base import TTAdapter, collect_norm_params, register_adapter
+from .normalization import BatchNormPolicy
 
 __all__ = ["DeTTA", "blind_spot", "denoising_loss", "resolve_denoiser"]
 
@@ -133,8 +134,9 @@ class DeTTA(TTAdapter):
         window: side of the neighbourhood a masked position takes its value from (5).
         episodic: reset network and denoiser to the source state before every batch.
         seed: seed of the masks (and of an untrained denoiser).
-        bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
-        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
+            ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
+            None: the test image's own statistics.
     """
 
     stochastic = True  # the masks are random
@@ -148,8 +150,7 @@ class DeTTA(TTAdapter):
         window: int = 5,
         episodic: bool = False,
         seed: int = 0,
-        bn_prior: float = 0.0,
-        bn_momentum: float = 0.0,
+        normalization: BatchNormPolicy | None = None,
     ) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
@@ -158,7 +159,7 @@ class DeTTA(TTAdapter):
         self.lr, self.mask_ratio, self.window, self.seed = float(lr), float(mask_ratio), int(window), int(seed)
         # a plain attribute until nn.Module.__init__ has run (configure_model registers it as a submodule)
         object.__setattr__(self, "_pending_denoiser", resolve_denoiser(denoiser, model, self.seed))
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
+        super().__init__(model, episodic=episodic, normalization=normalization)
         self._source_denoiser = copy.deepcopy(self.denoiser.state_dict())
         self._generator: torch.Generator | None = None
 

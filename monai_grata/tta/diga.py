@@ -10,6 +10,7 @@ from torch import nn
 from .base import TTAdapter, register_adapter
 from .features import FeatureTap
 from .losses import probabilities
+from .normalization import BatchNormPolicy
 
 __all__ = ["DIGA"]
 
@@ -91,9 +92,11 @@ class DIGA(TTAdapter):
         feature_layer: the layer whose input is the feature map (default: the last convolution).
         episodic: clear the running prototypes before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
-        bn_prior: the source prior of the BatchNorm statistics (4: DIGA's 0.8 / 0.2 at batch size 1).
-        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
+            ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`). None: DIGA's mixture, ``prior`` 4.
     """
+
+    default_normalization = BatchNormPolicy(prior=4.0)
 
     def __init__(
         self,
@@ -106,8 +109,7 @@ class DIGA(TTAdapter):
         feature_layer: str | None = None,
         episodic: bool = False,
         multilabel: bool = True,
-        bn_prior: float = 4.0,
-        bn_momentum: float = 0.0,
+        normalization: BatchNormPolicy | None = None,
     ) -> None:
         for name, value in (("proto_rho", proto_rho), ("proto_lambda", proto_lambda), ("fusion_lambda", fusion_lambda)):
             if not 0 <= value <= 1:
@@ -116,7 +118,7 @@ class DIGA(TTAdapter):
             raise ValueError(f"need 0.5 <= confidence < 1 and tau > 0, got {confidence}, {tau}")
         self.confidence, self.proto_rho, self.proto_lambda = float(confidence), float(proto_rho), float(proto_lambda)
         self.fusion_lambda, self.tau, self.multilabel = float(fusion_lambda), float(tau), multilabel
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
+        super().__init__(model, episodic=episodic, normalization=normalization)
         self.tap = FeatureTap(self.model, feature_layer)
         self.prototypes: torch.Tensor | None = None  # (G, K, F)
         self.exists: torch.Tensor | None = None  # (G, K)

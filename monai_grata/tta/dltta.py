@@ -28,7 +28,8 @@ from torch import nn
 from monai_grata.data.checks import BadInputError, MissingInputError
 from monai_grata.networks.denoiser import tap_features
 
-from .base import TTAdapter, configure_batch_statistics, register_adapter
+from .base import TTAdapter, register_adapter
+from .normalization import AdaptiveBatchNorm, BatchNormPolicy, adaptive_batch_norms, convert_to_adaptive_batch_norm
 
 __all__ = [
     "DLTTA",
@@ -736,9 +737,15 @@ class DLTTA(TTAdapter):
         self._generator: torch.Generator | None = None
 
     def configure_model(self, model: nn.Module) -> nn.Module:
-        """Find the layers, attach the adaptor, set the autoencoders up, and take the BatchNorm running statistics
-        aside (see :meth:`source_statistics`): outside DLTTA's own forwards every BatchNorm normalises with the
-        batch's statistics."""
+        """Make every BatchNorm an :class:`~monai_grata.tta.AdaptiveBatchNorm` on the batch's statistics (outside
+        DLTTA's own forwards, see :meth:`source_statistics`), find the layers, attach the adaptor and set the
+        autoencoders up.
+
+        Raises:
+            ValueError: a BatchNorm with running statistics but no momentum (a cumulative average), which the
+                frozen forwards cannot move as the authors' train-mode network does.
+        """
+        convert_to_adaptive_batch_norm(model.eval(), BatchNormPolicy())
         self.layers = find_dltta_layers(model, self.adaptor_layers, self.key_layer)
         device = next(model.parameters()).device
         self.adaptor = FeatureAdaptor(self.layers, self.image_adaptor).to(device)
@@ -746,13 +753,13 @@ class DLTTA(TTAdapter):
         pending = self.__dict__.pop("_pending_autoencoders")
         self.autoencoders = _resolve_autoencoders(pending, model, specs, self.seed).to(device).eval()
         self.autoencoders.requires_grad_(False)
-        self.running_statistics = [
-            (m, m.running_mean, m.running_var)
-            for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        #: (layer, running mean, running variance) of every BatchNorm that keeps running statistics
+        self.running_statistics: list[tuple[AdaptiveBatchNorm, torch.Tensor, torch.Tensor]] = [
+            (m, m.running_mean, m.running_var) for m in adaptive_batch_norms(model) if m.has_source_statistics
         ]
-        self._source_statistics = [(mean.clone(), var.clone()) for _, mean, var in self.running_statistics]
-        configure_batch_statistics(model.eval())
+        cumulative = [m for m, _, _ in self.running_statistics if m.source_momentum is None]
+        if cumulative:
+            raise ValueError(f"DLTTA moves running statistics by each BatchNorm's momentum; {cumulative[0]} has none")
         self.adaptor.attach(model)
         return model
 
@@ -767,17 +774,19 @@ class DLTTA(TTAdapter):
         """Inside, every BatchNorm that had running statistics behaves as in the authors' task network: in train mode
         (``update``: batch statistics, the running statistics moved by the layer's momentum) or in eval mode (the
         running statistics)."""
-        saved = [(m.training, m.track_running_stats) for m, _, _ in self.running_statistics]
-        for module, mean, var in self.running_statistics:
-            module.running_mean, module.running_var, module.track_running_stats = mean, var, True
-            module.train(update)
+        layers = [m for m, _, _ in self.running_statistics]
+        saved = [(m.policy, m.running_update) for m in layers]
+        for layer in layers:
+            if update:
+                layer.running_update = layer.source_momentum
+            else:
+                layer.configure(BatchNormPolicy(prior=math.inf))
         try:
             yield
         finally:
-            for (module, _, _), (training, tracking) in zip(self.running_statistics, saved, strict=True):
-                module.running_mean = module.running_var = None
-                module.track_running_stats = tracking
-                module.train(training)
+            for layer, (policy, running_update) in zip(layers, saved, strict=True):
+                layer.configure(policy)
+                layer.running_update = running_update
 
     @torch.no_grad()
     def _frozen_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -855,11 +864,7 @@ class DLTTA(TTAdapter):
 
     def reset(self) -> None:
         super().reset()
-        self.adaptor.load_state_dict(self._source_adaptor)
-        with torch.no_grad():
-            for (_, mean, var), (mean0, var0) in zip(self.running_statistics, self._source_statistics, strict=True):
-                mean.copy_(mean0)
-                var.copy_(var0)
+        self.adaptor.load_state_dict(self._source_adaptor)  # the running statistics are in the model's state
         self.memory.clear()
         self._generator = None
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .base import TTAdapter, register_adapter
+from .normalization import batch_norm_layers, replace_batch_norms
 
 __all__ = ["AdaMixBatchNorm", "DomainAdaptor", "ada_mix_batch_norm", "generalized_entropy_loss"]
 
@@ -172,17 +173,9 @@ def ada_mix_batch_norm(model: nn.Module, mix_lambda: float | None = None) -> lis
     Raises:
         ValueError: no BatchNorm layer, or one that :class:`AdaMixBatchNorm` cannot replace.
     """
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and name]
-    if not names:
+    if not batch_norm_layers(model):
         raise ValueError(f"DomainAdaptor adapts BatchNorm layers and {type(model).__name__} has none")
-    layers = []
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = AdaMixBatchNorm(getattr(parent, child), mix_lambda)
-        setattr(parent, child, layer)
-        layers.append(layer)
-    return layers
+    return replace_batch_norms(model, lambda layer: AdaMixBatchNorm(layer, mix_lambda))
 
 
 @register_adapter("domainadaptor")

@@ -3,6 +3,8 @@ of each test image with a decaying momentum; no backpropagation."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,7 @@ from torch import nn
 from monai_grata.transforms.views import IN_PLANE_3D, LAST_PLANE
 
 from .base import TTAdapter, register_adapter
-from .batchnorm import update_running_statistics
+from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm, update_running_statistics
 
 __all__ = ["DUA", "dua_copies"]
 
@@ -147,7 +149,8 @@ class DUA(TTAdapter):
         self._generator: torch.Generator | None = None
 
     def configure_model(self, model: nn.Module) -> nn.Module:
-        return model.eval()  # predictions use the running statistics
+        # predictions use the running statistics, which update_running_statistics moves
+        return convert_to_adaptive_batch_norm(model.eval(), BatchNormPolicy(prior=math.inf))
 
     def _random(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device.type != device.type:

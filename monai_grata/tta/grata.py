@@ -13,8 +13,8 @@ from torch.profiler import record_function
 from monai_grata.transforms import WEAK_VIEWS, WEAK_VIEWS_3D, StrongIntensityAug, WeakViews
 
 from .base import TTAdapter, register_adapter
-from .batchnorm import per_group_batch_norm
 from .losses import consistency_loss, entropy_loss, probabilities
+from .normalization import BatchNormPolicy, per_group_batch_norm
 from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
 
 __all__ = ["ACTIVATIONS", "NO_GRAD_DTYPES", "GraTa"]
@@ -69,9 +69,9 @@ class GraTa(TTAdapter):
         seed: seed of the default strong augmentation.
         batch_views: forward the weak views as one batch with per-view BatchNorm statistics (True) or one
             view at a time (False; same result, slower, for comparison).
-        bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them: 0 (the paper: the
-            batch's own statistics), N > 0 (mixed with the source statistics counted as N samples).
-        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
+            ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
+            None: the paper's, the batch's own statistics.
         radius: the perturbation θ → θ'. None (the paper): the unit step θ' = θ − g_aux. A float r: a step
             scaled to the parameters' own size, θ' = θ − r·‖θ‖·g_aux/‖g_aux‖ (r = 0.01 moves the adapted
             parameters by 1 % of their norm, whatever the size of the gradient).
@@ -128,8 +128,7 @@ class GraTa(TTAdapter):
         views: Sequence | None = None,
         seed: int = 0,
         batch_views: bool = True,
-        bn_prior: float = 0.0,
-        bn_momentum: float = 0.0,
+        normalization: BatchNormPolicy | None = None,
         radius: float | None = None,
         min_cos: float | None = None,
         steps: int = 1,
@@ -156,10 +155,11 @@ class GraTa(TTAdapter):
             raise ValueError(f"steps must be a positive integer, got {steps}")
         if min_shift is not None and not min_shift >= 0:
             raise ValueError(f"min_shift must be >= 0 (or None: always update), got {min_shift}")
-        if min_shift is not None and not bn_prior > 0:
-            raise ValueError("min_shift reads the source running statistics, which bn_prior 0 discards: use bn_prior>0")
-        if settle is not None and not bn_prior > 0:
-            raise ValueError("settle reads the source running statistics, which bn_prior 0 discards: use bn_prior>0")
+        prior = self.resolve_normalization(normalization).prior
+        if min_shift is not None and not prior > 0:
+            raise ValueError("min_shift reads the source running statistics, which bn_prior 0 ignores: use bn_prior>0")
+        if settle is not None and not prior > 0:
+            raise ValueError("settle reads the source running statistics, which bn_prior 0 ignores: use bn_prior>0")
         if no_grad_dtype is not None and no_grad_dtype not in NO_GRAD_DTYPES:
             raise ValueError(f"no_grad_dtype must be one of {sorted(NO_GRAD_DTYPES)} or None, got {no_grad_dtype!r}")
         self.radius, self.min_cos, self.steps, self.min_shift = radius, min_cos, int(steps), min_shift
@@ -172,7 +172,7 @@ class GraTa(TTAdapter):
         self._batch_teacher: torch.Tensor | None = None
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum)
+        super().__init__(model, episodic=episodic, normalization=normalization)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
         self.views = WeakViews(WEAK_VIEWS if views is None else views)
         self.views_3d = WeakViews(WEAK_VIEWS_3D if views is None else views)

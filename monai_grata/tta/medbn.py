@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+import dataclasses
 
 from .base import register_adapter
-from .batchnorm import median_batch_norm
+from .normalization import BatchNormPolicy
 from .tent import Tent
 
 __all__ = ["MedBN"]
@@ -14,7 +14,8 @@ __all__ = ["MedBN"]
 @register_adapter("medbn")
 class MedBN(Tent):
     """MedBN baseline: TENT (one Adam step on the prediction's entropy, normalisation affine parameters) whose
-    BatchNorm layers normalise with robust test statistics (:func:`~monai_grata.tta.median_batch_norm`):
+    BatchNorm layers normalise with robust test statistics (:class:`~monai_grata.tta.BatchNormPolicy` with
+    ``statistic="median"``):
 
         mu = median over (batch, space) of each channel,   var = mean over (batch, space) of (x - mu)^2
 
@@ -29,12 +30,15 @@ class MedBN(Tent):
         lr: Adam learning rate.
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
-        bn_prior: 0 (the paper: the batch's median statistics alone) or N > 0 (mixed with the source statistics,
-            the source counted as N samples).
-        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        normalization: the prior and momentum (:class:`~monai_grata.tta.BatchNormPolicy`; its statistic is always
+            the median): ``prior`` 0 (the paper: the batch's median statistics alone) or N > 0 (mixed with the
+            source statistics, the source counted as N samples).
         predict: ``"before"`` (TENT's order: the logits the loss was computed from) or ``"after"`` (a second
             forward with the updated weights).
     """
 
-    def configure_model(self, model: nn.Module) -> nn.Module:
-        return median_batch_norm(model.eval(), self.bn_prior, self.bn_momentum)
+    default_normalization = BatchNormPolicy(statistic="median")
+
+    @classmethod
+    def resolve_normalization(cls, normalization: BatchNormPolicy | None) -> BatchNormPolicy:
+        return dataclasses.replace(super().resolve_normalization(normalization), statistic="median")

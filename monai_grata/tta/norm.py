@@ -11,8 +11,8 @@ from torch import nn
 from monai_grata.transforms import WEAK_VIEWS_3D, WeakViews
 
 from .base import TTAdapter, register_adapter
-from .batchnorm import per_group_batch_norm, set_prior_strength
 from .losses import entropy_loss, probabilities
+from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm, per_group_batch_norm
 
 __all__ = ["BatchNormStatistics", "SelectedBatchNormStatistics"]
 
@@ -22,13 +22,14 @@ class BatchNormStatistics(TTAdapter):
     """Baseline that only normalises with the test batch's statistics in every BatchNorm; no weight changes.
 
     It separates what TENT and GraTa gain from their gradient steps from what batch statistics alone give.
-    With ``bn_prior`` N > 0 the test statistics are mixed with the source statistics, the source counted as N
-    samples (Schneider et al. 2020's prior).
+    With a ``prior`` N > 0 (``bn_prior``) the test statistics are mixed with the source statistics, the source
+    counted as N samples (Schneider et al. 2020's prior).
 
     Args:
         model: the source network (configured in place).
         episodic: accepted for a uniform interface; there is no state to reset.
-        bn_prior: 0 (test statistics only), N > 0 (source prior of strength N), ``math.inf`` (source statistics).
+        normalization: the :class:`~monai_grata.tta.BatchNormPolicy`: ``prior`` 0 (test statistics only), N > 0
+            (source prior of strength N), ``math.inf`` (source statistics).
     """
 
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -41,7 +42,7 @@ class SelectedBatchNormStatistics(TTAdapter):
     confident (lowest mean entropy) among ``priors``; no weight changes.
 
     Each candidate N mixes the batch's statistics with the source statistics as in
-    :func:`~monai_grata.tta.source_prior_batch_norm` (``inf``: the source statistics, i.e. No Adapt; 0: the
+    :class:`~monai_grata.tta.BatchNormPolicy` (``inf``: the source statistics, i.e. No Adapt; 0: the
     batch's own statistics). A source-like test image keeps the source statistics; a shifted one, whose
     source-statistics prediction is uncertain, takes as much of its own statistics as makes it confident.
     Costs one forward per candidate plus the prediction.
@@ -75,7 +76,7 @@ class SelectedBatchNormStatistics(TTAdapter):
             raise ValueError(f"criterion must be 'entropy' or 'consistency', got {criterion!r}")
         self.priors, self.criterion, self.multilabel = priors, criterion, multilabel
         self.views, self.views_3d = WeakViews(), WeakViews(WEAK_VIEWS_3D)
-        super().__init__(model, episodic=episodic, bn_prior=math.inf)
+        super().__init__(model, episodic=episodic, normalization=BatchNormPolicy(prior=math.inf))
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """The criterion of the current prior on ``x`` (lower is better)."""
@@ -90,8 +91,8 @@ class SelectedBatchNormStatistics(TTAdapter):
     def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = []
         for prior in self.priors:
-            set_prior_strength(self.model, prior)
+            convert_to_adaptive_batch_norm(self.model, BatchNormPolicy(prior=prior))
             scores.append(self.score(x))
         best = int(torch.stack(scores).argmin())
-        set_prior_strength(self.model, self.priors[best])
+        convert_to_adaptive_batch_norm(self.model, BatchNormPolicy(prior=self.priors[best]))
         return {"prior": torch.tensor(self.priors[best]), "loss_aux": scores[best].detach()}

@@ -12,7 +12,7 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from .base import TTAdapter
-from .frozen_statistics import frozen_statistics, normalisation_statistics
+from .normalization import frozen_statistics, normalisation_statistics
 
 __all__ = ["PatchAdaptation", "patch_positions", "sample_patches"]
 

@@ -23,10 +23,9 @@ them in the bundle config's ``adapter_kwargs``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 
-from .base import adapter_class
+from .base import adapter_defaults
 
 __all__ = ["PRESETS", "effective_options", "resolve_method"]
 
@@ -80,6 +79,4 @@ def effective_options(name: str, options: Mapping) -> dict:
         name: a registered adapter name.
         options: the options passed to :func:`~monai_grata.tta.build_adapter` (from :func:`resolve_method`).
     """
-    parameters = inspect.signature(adapter_class(name).__init__).parameters.values()
-    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-    return {**defaults, **options}
+    return {**adapter_defaults(name), **options}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import TTAdapter, register_adapter
+from .normalization import BatchNormPolicy
 
 __all__ = ["SAR", "pixel_entropy"]
 
@@ -81,8 +82,9 @@ class SAR(TTAdapter):
         ema: the decay of the loss average.
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
-        bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
-        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
+            ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
+            None: the test batch's own statistics.
         predict: ``"before"`` (the authors' order: the logits of step 1) or ``"after"`` (a second forward with the
             updated weights).
     """
@@ -98,8 +100,7 @@ class SAR(TTAdapter):
         ema: float = 0.9,
         episodic: bool = False,
         multilabel: bool = True,
-        bn_prior: float = 0.0,
-        bn_momentum: float = 0.0,
+        normalization: BatchNormPolicy | None = None,
         predict: str = "before",
     ) -> None:
         if not rho >= 0 or not margin > 0 or not reset_constant >= 0 or not 0 <= ema < 1:
@@ -109,7 +110,7 @@ class SAR(TTAdapter):
             )
         self.lr, self.momentum, self.rho, self.margin = float(lr), float(momentum), float(rho), float(margin)
         self.reset_constant, self.ema_decay, self.multilabel = float(reset_constant), float(ema), multilabel
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum, predict=predict)
+        super().__init__(model, episodic=episodic, normalization=normalization, predict=predict)
         self.ema: float | None = None
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:

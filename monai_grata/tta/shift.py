@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .batchnorm import _batch_norms
+from .normalization import batch_norm_layers
 
 __all__ = ["BatchNormShiftRecord", "SettleSchedule", "batch_norm_shift", "record_batch_norm_shift"]
 
 
-def _gaussian_kl(h: torch.Tensor, layer: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+def _gaussian_kl(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Mean over channels of KL(N(batch mean, batch variance) ‖ N(running mean, running variance))."""
     var, mean = torch.var_mean(h, dim=[0, *range(2, h.ndim)], correction=0)
     ref_mean, ref_var = layer.running_mean.float(), layer.running_var.float() + layer.eps
@@ -66,7 +66,7 @@ def record_batch_norm_shift(model: nn.Module) -> Iterator[BatchNormShiftRecord]:
     Raises:
         ValueError: ``model`` has no BatchNorm layer with running statistics.
     """
-    layers = [m for m in _batch_norms(model) if m.running_mean is not None and m.running_var is not None]
+    layers = [m for _, m in batch_norm_layers(model) if m.running_mean is not None and m.running_var is not None]
     if not layers:
         raise ValueError("the shift is read off BatchNorm running statistics, and the model has none")
     record = BatchNormShiftRecord(len(layers))

@@ -7,6 +7,7 @@ from torch import nn
 
 from .base import TTAdapter, register_adapter
 from .losses import entropy_loss
+from .normalization import BatchNormPolicy
 
 __all__ = ["Tent"]
 
@@ -24,8 +25,9 @@ class Tent(TTAdapter):
         lr: Adam learning rate (1e-4 in GraTa's benchmark).
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
-        bn_prior: BatchNorm statistics, as :class:`~monai_grata.tta.TTAdapter` takes them (0: test batch only).
-        bn_momentum: how fast that prior follows the test stream (:class:`~monai_grata.tta.TTAdapter`).
+        normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
+            ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
+            None: the test batch's own statistics.
         predict: ``"before"`` (the authors' order: the logits the loss was computed from) or ``"after"`` (a second
             forward with the updated weights).
     """
@@ -36,12 +38,11 @@ class Tent(TTAdapter):
         lr: float = 1e-4,
         episodic: bool = False,
         multilabel: bool = True,
-        bn_prior: float = 0.0,
-        bn_momentum: float = 0.0,
+        normalization: BatchNormPolicy | None = None,
         predict: str = "before",
     ) -> None:
         self.lr, self.multilabel = float(lr), multilabel
-        super().__init__(model, episodic=episodic, bn_prior=bn_prior, bn_momentum=bn_momentum, predict=predict)
+        super().__init__(model, episodic=episodic, normalization=normalization, predict=predict)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))

@@ -8,7 +8,6 @@ python -m monai_grata.utils.compare_runs outputs/inference outputs/inference_ten
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -68,11 +67,9 @@ SKIP_DOMAINS = ("stream",)
 
 def adapter_options() -> dict[str, set[str]]:
     """The constructor options of every registered test-time adapter, by method name."""
-    from monai_grata.tta import adapter_class, adapter_names
+    from monai_grata.tta import adapter_defaults, adapter_names
 
-    return {
-        name: {p for p in inspect.signature(adapter_class(name)).parameters if p != "model"} for name in adapter_names()
-    }
+    return {name: set(adapter_defaults(name)) for name in adapter_names()}
 
 
 def param_applies(param: str, method: str | None, options: Mapping[str, set[str]]) -> bool:

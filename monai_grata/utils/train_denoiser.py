@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from monai_grata.networks.denoiser import DenoisingDecoder, build_denoiser, save_denoiser, tap_features
-from monai_grata.tta.base import configure_batch_statistics
 from monai_grata.tta.detta import blind_spot, denoising_loss
+from monai_grata.tta.normalization import convert_to_adaptive_batch_norm
 
 __all__ = ["train_denoiser"]
 
@@ -80,7 +80,7 @@ def train_denoiser(
         The trained decoder (train mode off) and one record per epoch: ``epoch``, ``train_loss``, ``val_loss``
         (``None`` without validation images), ``seconds``.
     """
-    encoder = configure_batch_statistics(copy.deepcopy(model).eval()).requires_grad_(False)
+    encoder = convert_to_adaptive_batch_norm(copy.deepcopy(model).eval()).requires_grad_(False)
     denoiser = denoiser if denoiser is not None else build_denoiser(model, seed=seed)
     device = next(encoder.parameters()).device
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr, betas=(0.9, 0.99))
