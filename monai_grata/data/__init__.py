@@ -9,7 +9,7 @@ from .checks import (
 )
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
-from .task import FUNDUS, SPINALCORD, TASKS, TaskSpec, resolve_task, task_by_name, task_of_bundle
+from .task import FUNDUS, SPINALCORD, TASKS, TaskSpec, register_task, resolve_task, task_by_name, task_of_bundle
 from .volumes import volume_preprocessing
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "SPINALCORD",
     "TASKS",
     "TaskSpec",
+    "register_task",
     "resolve_task",
     "task_by_name",
     "task_of_bundle",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -31,6 +31,7 @@ __all__ = [
     "SPINALCORD",
     "TASKS",
     "TaskSpec",
+    "register_task",
     "resolve_task",
     "task_by_name",
     "task_of_bundle",
@@ -180,9 +181,25 @@ SPINALCORD = TaskSpec(
 )
 
 #: the registered tasks by name
-TASKS: Mapping[str, TaskSpec] = {task.name: task for task in (FUNDUS, SPINALCORD)}
+TASKS: dict[str, TaskSpec] = {task.name: task for task in (FUNDUS, SPINALCORD)}
 #: the task of each shipped bundle, by the bundle's folder name (a bundle's metadata.json may name it instead)
 BUNDLE_TASKS = {"grata": "fundus", "spinalcord_gm": "spinalcord"}
+
+
+def register_task(task: TaskSpec) -> TaskSpec:
+    """Make ``task`` known by its name, so bundle configs (``"task": "<name>"``), reports and ``metadata.json``'s
+    ``task_spec`` can name it.
+
+    Args:
+        task: the task; its name must be new.
+
+    Raises:
+        ValueError: a name already taken by another task.
+    """
+    if task.name in TASKS and TASKS[task.name] is not task:
+        raise ValueError(f"a task named {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
 
 
 def task_by_name(name: str) -> TaskSpec:
