@@ -9,7 +9,7 @@ import threading
 import pytest
 from ignite.engine import Engine, Events
 
-from monai_grata.engines import run_interruptibly
+from monai_grata.engines import run_interruptibly, stop_when_interrupted
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +63,31 @@ def test_interrupt_stops_after_the_current_iteration(in_finalizer):
     assert completed == [1, 2] and errors == ["KeyboardInterrupt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert len(engine._event_handlers[Events.ITERATION_COMPLETED]) == 1  # the check is removed again
+
+
+def test_an_engine_run_from_a_handler_stops_with_the_outer_one():
+    """A reference pass run when the outer engine starts (as ``NoAdaptReference`` does) stops after its own
+    current iteration, and the outer engine then stops before its first iteration."""
+    inner_completed = []
+
+    def inner_step(engine: Engine, batch: int) -> int:
+        if engine.state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))
+        return batch
+
+    inner = Engine(inner_step)  # no EXCEPTION_RAISED handler: Ignite re-raises to the outer engine
+    inner.add_event_handler(Events.ITERATION_COMPLETED, lambda e: inner_completed.append(e.state.iteration))
+    stop_when_interrupted(inner)
+    outer, outer_completed, outer_errors = engine_interrupted_at(0, in_finalizer=False)
+    outer.add_event_handler(Events.STARTED, lambda _: inner.run(range(6)))
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptibly(outer, range(6))
+    assert inner_completed == [1, 2]
+    assert outer_completed == [] and outer_errors == ["KeyboardInterrupt"]
+    alone = Engine(lambda engine, batch: batch)
+    stop_when_interrupted(alone)  # outside run_interruptibly: no effect
+    assert alone.run(range(3)).iteration == 3
 
 
 def test_second_interrupt_raises_at_once():

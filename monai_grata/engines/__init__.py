@@ -8,7 +8,7 @@ from .inference import (
     run_params,
     source_network,
 )
-from .interrupt import run_interruptibly
+from .interrupt import run_interruptibly, stop_when_interrupted
 from .uda_trainer import UDATrainer
 from .utils import ChannelsLastPrepareBatch, average_gradients, channel_output, mean_over_ranks
 
@@ -27,4 +27,5 @@ __all__ = [
     "source_network",
     "mean_over_ranks",
     "run_interruptibly",
+    "stop_when_interrupted",
 ]

@@ -9,7 +9,26 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["run_interruptibly"]
+__all__ = ["run_interruptibly", "stop_when_interrupted"]
+
+#: set while a :func:`run_interruptibly` run has received a first Ctrl-C; None outside such a run
+_interrupt_requested: threading.Event | None = None
+
+
+def _raise_if_interrupted(_: Engine) -> None:
+    if _interrupt_requested is not None and _interrupt_requested.is_set():
+        raise KeyboardInterrupt
+
+
+def stop_when_interrupted(engine: Engine) -> None:
+    """Make an engine run inside a :func:`run_interruptibly` run (e.g. a reference pass started from one of its
+    event handlers) stop after its own current iteration on the first Ctrl-C, instead of running to its end before
+    the outer engine can stop. Outside such a run it changes nothing.
+
+    Args:
+        engine: the nested Ignite engine; attach this after its other ``ITERATION_COMPLETED`` handlers.
+    """
+    engine.add_event_handler(Events.ITERATION_COMPLETED, _raise_if_interrupted)
 
 
 def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
@@ -27,7 +46,8 @@ def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
     is ignored (``SIG_IGN``, which a process inherits when a non-interactive shell starts it in the background, as
     in ``nohup cmd &`` in a script, or after ``trap '' INT``), nothing is installed and the run stays
     uninterruptible, as its launcher asked. Likewise where SIGINT has any other handler, and outside the main
-    thread (where a signal handler cannot be installed): these are a plain ``engine.run``.
+    thread (where a signal handler cannot be installed): these are a plain ``engine.run``. An engine run from one of
+    ``engine``'s handlers stops with it when it is given :func:`stop_when_interrupted`.
 
     Args:
         engine: the Ignite engine (e.g. a MONAI ``SupervisedEvaluator``) to run.
@@ -42,18 +62,15 @@ def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
     # SIG_IGN included: a Ctrl-C the launcher made the job ignore stays ignored
     if not in_main_thread or previous_handler is not signal.default_int_handler:
         return engine.run(*args, **kwargs)
-    interrupted = threading.Event()
+    global _interrupt_requested
+    interrupted = _interrupt_requested = threading.Event()
 
     def on_sigint(signum: int, frame: Any) -> None:
         interrupted.set()
         sys.stderr.write("\nCtrl-C: stopping after the current iteration (Ctrl-C again to stop at once)\n")
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C raises at once
 
-    def stop_if_interrupted(_: Engine) -> None:
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-
-    check = engine.add_event_handler(Events.ITERATION_COMPLETED, stop_if_interrupted)
+    check = engine.add_event_handler(Events.ITERATION_COMPLETED, _raise_if_interrupted)
     signal.signal(signal.SIGINT, on_sigint)
     try:
         result = engine.run(*args, **kwargs)
@@ -63,3 +80,4 @@ def run_interruptibly(engine: Engine, *args: Any, **kwargs: Any) -> Any:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         check.remove()
+        _interrupt_requested = None

@@ -11,6 +11,7 @@ from monai.transforms import Compose
 from torch import nn
 
 from monai_grata.data.task import TaskSpec
+from monai_grata.engines.interrupt import stop_when_interrupted
 
 from .metrics_report import MetricsReport
 
@@ -76,10 +77,12 @@ class NoAdaptReference:
         engine.add_event_handler(Events.STARTED, self.run)
 
     def run(self, engine: Engine) -> None:
-        """Score the source model on ``engine``'s data loader, with ``engine``'s device and inferer."""
+        """Score the source model on ``engine``'s data loader, with ``engine``'s device and inferer. A Ctrl-C during
+        this pass, in a job run by :func:`~monai_grata.engines.run_interruptibly`, stops it after the current image
+        and ends the job (not only after the whole pass)."""
         names = list(self.metrics)
         handlers = ([ProgressBar(desc=self.progress)] if self.progress is not None else []) + [self.report]
-        SupervisedEvaluator(
+        evaluator = SupervisedEvaluator(
             device=engine.state.device,
             val_data_loader=engine.data_loader,
             network=self.network,
@@ -89,7 +92,9 @@ class NoAdaptReference:
             additional_metrics={name: self.metrics[name] for name in names[1:]} or None,
             val_handlers=handlers,
             amp=False,
-        ).run()
+        )
+        stop_when_interrupted(evaluator)
+        evaluator.run()
 
     def extra(self) -> dict[str, float]:
         """The reference's summary entries named by ``extra_metrics``, as ``no_adapt_<name>`` (for the adapted
