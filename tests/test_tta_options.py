@@ -221,7 +221,9 @@ def _case_params() -> list:
             name,
             option,
             case,
-            marks=[pytest.mark.xfail(strict=True, reason=case.no_effect)] if case.no_effect else [],
+            marks=[pytest.mark.xfail(raises=AssertionError, strict=True, reason=case.no_effect)]
+            if case.no_effect
+            else [],
             id=f"{name}-{option}",
         )
         for name, options in CASES.items()
@@ -234,7 +236,7 @@ def _option_params() -> list:
     for name in adapter_names():
         for option in adapter_defaults(name):
             reason = UNDOCUMENTED.get((name, option))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            marks = [pytest.mark.xfail(raises=AssertionError, strict=True, reason=reason)] if reason else []
             params.append(pytest.param(name, option, marks=marks, id=f"{name}-{option}"))
     return params
 
