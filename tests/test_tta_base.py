@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from torch import nn
@@ -209,3 +209,12 @@ def test_a_plain_adapter_only_needs_adapt():
     adapter = Count(tiny_net())
     adapter(images(1)[0])
     assert adapter.batches == 1 and adapter.last_step.updated and adapter.prediction_order == "after"
+
+
+def test_the_handler_warns_when_no_inferer_can_run_the_adapter_predict(caplog):
+    engine = Engine(lambda e, batch: None)
+    TTAHandler(adapter=DIGA(sharp_net())).attach(engine)
+    engine.prepare_batch = lambda batch, device, non_blocking, **kwargs: (batch["image"], None)
+    engine.state.device, engine.non_blocking = "cpu", False
+    engine.run([{"image": x} for x in images(1)])
+    assert "DIGA predicts with its own predict()" in caplog.text

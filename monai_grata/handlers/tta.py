@@ -111,6 +111,12 @@ class TTAHandler:
                 "patch adaptation has no whole-volume logits before it" if use_patches else "the engine has no "
                 "inferer",
             )
+        if not hasattr(engine, "inferer") and type(self.adapter).predict is not TTAdapter.predict:
+            logger.warning(
+                "%s predicts with its own predict(), but the engine has no inferer to run it: the engine's forward "
+                "gives the network's prediction",
+                type(self.adapter).__name__,
+            )
         self.history = []
         self._last_group = None
 

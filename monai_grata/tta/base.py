@@ -184,10 +184,10 @@ class TTAdapter(nn.Module, metaclass=_SetUpAfterConstruction):
     """Base class of test-time adapters: ``adapter(x)`` adapts on ``x`` and returns its prediction (:meth:`predict`,
     after the update).
 
-    Construction: the subclass's constructor calls ``super().__init__`` first and then sets its own fields; once
-    it has returned, the base class configures the model (:meth:`configure_model`), freezes its parameters, and calls
-    :meth:`setup`, where a subclass registers its extra modules and builds what depends on the configured model;
-    then it keeps the source state for :meth:`reset`.
+    Construction: the subclass's constructor calls ``super().__init__`` and sets its own fields (plain values before
+    or after that call, modules after it); once the whole constructor has returned, the base class configures the
+    model (:meth:`configure_model`), freezes its parameters, and calls :meth:`setup`, where a subclass registers its
+    extra modules and builds what depends on the configured model; then it keeps the source state for :meth:`reset`.
 
     A subclass implements :meth:`adapt` (one update on a batch, returning its :class:`AdaptationStep`) and may
     override :meth:`predict` (a method that changes the prediction rather than the weights). The base class resets
@@ -284,8 +284,9 @@ class TTAdapter(nn.Module, metaclass=_SetUpAfterConstruction):
         self.last_step = step
         return step
 
+    @torch.no_grad()
     def _checked_adapt(self, x: torch.Tensor) -> AdaptationStep:
-        return self.adapt(x)
+        return self.adapt(x)  # no gradient step: no autograd graph either
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapt on ``x`` and return its prediction after the update."""
