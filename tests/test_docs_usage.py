@@ -50,7 +50,8 @@ def test_the_new_adapter_adapts_through_build_adapter(examples):
     for x in images(2):
         logits = adapter(x)
     assert logits.shape[:2] == (1, 2) and bool(torch.isfinite(logits).all())
-    assert set(adapter.last_stats) == {"loss_aux", "confident"} and float(adapter.last_stats["confident"]) > 0
+    assert set(adapter.last_step.scalars()) == {"loss_aux", "confident"} and float(adapter.last_step.confident) > 0
+    assert adapter.last_step.updated and not adapter.last_step.rolled_back
     assert any(not torch.equal(p, q) for p, q in zip(adapter.params, source, strict=True))
     adapter.reset()
     assert all(torch.equal(p, q) for p, q in zip(adapter.params, source, strict=True))

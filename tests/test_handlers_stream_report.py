@@ -3,6 +3,7 @@ from types import SimpleNamespace
 import torch
 
 from monai_grata.handlers import MetricsReport, StreamReport
+from monai_grata.tta import GraTaStep
 
 
 class FakeMLflow:
@@ -15,7 +16,7 @@ def test_stream_logs_dice_only_and_plots_resets_and_no_adapt(tmp_path):
     adapted, no_adapt = MetricsReport(str(tmp_path), task="fundus"), MetricsReport(str(tmp_path), task="fundus")
     adapted.per_image = {"dice": torch.rand(6, 2)}
     no_adapt.per_image = {"dice": torch.rand(6, 2)}
-    tta = SimpleNamespace(history=[{"cos": torch.tensor(0.5), "lr": torch.tensor(1e-4)}] * 6)
+    tta = SimpleNamespace(history=[GraTaStep(cos=torch.tensor(0.5), lr=torch.tensor(1e-4))] * 6)
     mlflow = FakeMLflow()
     stream = StreamReport(adapted, str(tmp_path), tta_handler=tta, mlflow_handler=mlflow, reference=no_adapt)
     stream.groups = ["a", "a", "a", "b", "b", "c"]

@@ -1,9 +1,22 @@
+import dataclasses
 import io
 from types import SimpleNamespace
 
 import torch
 
 from monai_grata.handlers import MetricsReport, RunSummary
+from monai_grata.tta import (
+    AdaptationStep,
+    DeTTAStep,
+    DIGAStep,
+    DLTTAStep,
+    DomainAdaptorStep,
+    DUAStep,
+    GraTaStep,
+    NormStep,
+    SARStep,
+    TentStep,
+)
 
 
 def report(tmp_path, summary):
@@ -48,21 +61,49 @@ def test_summary_keeps_a_long_method_name_apart_from_no_adapt(tmp_path):
     assert header.index("grata_gated_long_name") + len("grata_gated_long_name") == len(row)  # columns line up
 
 
+def adaptation_line(tmp_path, method: str, history: list) -> str | None:
+    summary = RunSummary(str(tmp_path), method, tta_handler=SimpleNamespace(history=history))
+    return next((x for x in summary.text().splitlines() if x.startswith("Adaptation")), None)
+
+
 def test_summary_counts_the_updated_batches_and_those_the_shift_gate_held(tmp_path):
-    handler = SimpleNamespace(history=[
-        {"lr": torch.tensor(0.0), "stream_shift": torch.tensor(0.1), "gate_open": torch.tensor(0.0)},
-        {"lr": torch.tensor(1e-3), "cos": torch.tensor(0.2), "gate_open": torch.tensor(1.0)},
-        {"lr": torch.tensor(0.0), "cos": torch.tensor(-0.5)},  # min_cos rule: no step, but not the gate
-        {"skipped": torch.tensor(1.0)},  # non-finite input
-    ])  # fmt: skip
-    summary = RunSummary(str(tmp_path), "grata_gated", tta_handler=handler)
-    line = next(x for x in summary.text().splitlines() if x.startswith("Adaptation"))
-    assert line == (
-        "Adaptation updated the weights on 1 of 4 batches; the shift gate (min_shift) held them on 1 "
+    zero, shift = torch.tensor(0.0), torch.tensor(0.1)
+    history = [
+        GraTaStep(updated=False, lr=zero, stream_shift=shift, gate_open=zero),
+        GraTaStep(lr=torch.tensor(1e-3), cos=torch.tensor(0.2), gate_open=torch.tensor(1.0)),
+        GraTaStep(updated=False, lr=zero, cos=torch.tensor(-0.5)),  # min_cos rule: no step, but not the gate
+        AdaptationStep(updated=False, skipped=True),  # non-finite input
+        GraTaStep(lr=torch.tensor(1e-3), rolled_back=True),  # undone: not an update
+    ]
+    assert adaptation_line(tmp_path, "grata_gated", history) == (
+        "Adaptation updated the weights on 1 of 5 batches; the shift gate (min_shift) held them on 1 "
         "(the stream looked like the source domain)."
     )
-    no_lr = RunSummary(str(tmp_path), "norm", tta_handler=SimpleNamespace(history=[{}]))
-    assert not any(x.startswith("Adaptation") for x in no_lr.text().splitlines())
+    assert adaptation_line(tmp_path, "norm", [NormStep()]) is None  # nothing persists between batches
+
+
+def test_summary_counts_the_updates_of_every_kind_of_method(tmp_path):
+    def step(cls, **fields):  # every tensor field set, as the adapter would
+        values = {
+            f.name: torch.tensor(1.0)
+            for f in dataclasses.fields(cls)
+            if f.name not in ("updated", "skipped", "rolled_back")
+        }
+        return cls(**{**values, **fields})
+
+    expected = {
+        TentStep: "the weights",
+        SARStep: "the weights",
+        DeTTAStep: "the weights",
+        DomainAdaptorStep: "the weights",
+        DLTTAStep: "the weights",
+        DUAStep: "the BatchNorm statistics",
+        DIGAStep: "the prototypes",
+    }
+    for cls, changes in expected.items():
+        history = [step(cls), step(cls, updated=False), AdaptationStep(updated=False, skipped=True)]
+        assert adaptation_line(tmp_path, cls.__name__, history) == f"Adaptation updated {changes} on 1 of 3 batches."
+    assert adaptation_line(tmp_path, "norm_select", [step(NormStep)]) is None
 
 
 def test_summary_without_labels(tmp_path):

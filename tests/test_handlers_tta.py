@@ -9,7 +9,7 @@ from monai.handlers import StatsHandler
 from monai.inferers import SlidingWindowInferer
 
 from monai_grata.handlers import GraTaHandler, TTAHandler, tta_output_transform
-from monai_grata.tta import GraTa, PatchAdaptation
+from monai_grata.tta import GraTa, GraTaStep, PatchAdaptation
 
 from .test_tta_grata import tiny_net, tiny_net_3d
 
@@ -41,7 +41,8 @@ def test_evaluator_forward_sees_adapted_weights(device):
     for got, want in zip(preds, expected, strict=True):
         assert got.device.type == device.type
         torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6 if device.type == "cpu" else 1e-5)
-    assert set(engine.state.tta) == {"cos", "lr", "loss_aux", "loss_pseudo"}
+    assert isinstance(engine.state.tta, GraTaStep) and engine.state.tta.updated
+    assert set(engine.state.output[0]["tta"]) == {"cos", "lr", "loss_aux", "loss_pseudo"}  # the names logged
 
 
 def test_stats_reach_stats_handler(capsys):
@@ -57,7 +58,7 @@ def test_a_preset_builds_its_adapter_and_options_given_win():
     evaluator(tiny_net(), [handler]).run()
     assert isinstance(handler.adapter, GraTa)
     assert (handler.adapter.min_shift, handler.adapter.beta, handler.adapter.steps) == (0.18, 1e-4, 2)
-    assert "stream_shift" in handler.history[0]
+    assert handler.history[0].stream_shift is not None
 
 
 def test_reset_on_domain_change():
@@ -94,7 +95,7 @@ def test_adapter_sees_the_batch_as_the_evaluator_prepares_it():
 
     def record(x):
         seen.append(x)
-        return {}
+        return GraTaStep(updated=False, lr=torch.tensor(0.0))
 
     engine.add_event_handler(Events.STARTED, lambda e: setattr(handler.adapter, "adapt", record))
     network.double()
@@ -148,7 +149,7 @@ def test_sliding_window_evaluator_predicts_with_the_patch_adapted_weights():
     assert seen == [torch.Size([3, 1, 8, 8, 4])] * 3  # patches only, never the 20 x 20 x 4 volume
     for got, want in zip(preds, expected, strict=True):
         torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6)
-    assert float(engine.state.tta["n_patches"]) == 3 and "cos" in engine.state.tta
+    assert float(engine.state.output[0]["tta"]["n_patches"]) == 3 and engine.state.tta.cos is not None
     assert all("forward" not in vars(m) for m in network.modules())  # BatchNorm released after each iteration
 
 
@@ -176,7 +177,7 @@ def test_sliding_window_reset_on_domain_change_and_rollback(caplog):
 
     def check(engine):
         if engine.state.iteration == 2:
-            assert handler.adapter.n_rolled_back == 1 and float(engine.state.tta["rolled_back"]) == 1
+            assert handler.adapter.n_rolled_back == 1 and engine.state.tta.rolled_back
             assert bool(torch.isfinite(torch.cat([p.flatten() for p in handler.adapter.params])).all())
         if engine.state.iteration == 3:  # domain "b": started again from the source weights, then adapted
             assert params["reset_at"] == 3

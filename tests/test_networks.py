@@ -127,4 +127,4 @@ def test_adapters_step_on_the_authors_resunet(method):
     assert logits.shape == (1, 2, 64, 64) and torch.isfinite(logits).all()
     assert len(adapter.params) == 82  # weight and bias of the 41 BatchNorm layers
     assert any(not torch.equal(a, b) for a, b in zip(before, adapter.params, strict=True))
-    assert all(torch.isfinite(v).all() for v in adapter.last_stats.values())
+    assert all(torch.isfinite(v).all() for v in adapter.last_step.scalars().values())

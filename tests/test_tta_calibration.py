@@ -67,7 +67,7 @@ def test_shifts_are_measured_as_the_gate_measures_them_and_leave_the_model_alone
     assert shift == pytest.approx(float(reference), rel=1e-6)
     gate = GraTa(_tiny_net(), normalization=BatchNormPolicy(prior=256), min_shift=0.0, seed=0)
     gate(x)
-    assert float(gate.last_stats["stream_shift"]) == pytest.approx(shift, rel=1e-5)
+    assert float(gate.last_step.stream_shift) == pytest.approx(shift, rel=1e-5)
 
 
 def test_threshold_rule_formula_and_bad_input():

@@ -27,7 +27,7 @@ def test_registered_and_builds_with_an_untrained_denoiser(caplog):
     assert isinstance(adapter, DeTTA) and "untrained" in caplog.text
     out = adapter(images(1)[0])
     assert out.shape == (1, 2, 16, 16) and bool(torch.isfinite(out).all())
-    assert set(adapter.last_stats) == {"loss_denoise"} and adapter.last_stats["loss_denoise"].ndim == 0
+    assert set(adapter.last_step.scalars()) == {"loss_denoise"} and adapter.last_step.loss_denoise.ndim == 0
 
 
 def test_blind_spot_masks_the_share_of_positions_with_neighbours():
@@ -67,7 +67,7 @@ def test_one_step_changes_only_norm_affine_parameters_and_reset_is_bit_exact():
     moved_denoiser = changed(denoiser_source, adapter.denoiser.state_dict())
     assert moved_denoiser and all(k.rsplit(".", 1)[-1] in ("weight", "bias") for k in moved_denoiser)
     assert all(".adn.N." in k for k in moved_denoiser)  # the denoiser's BatchNorm, not its convolutions
-    first = adapter.last_stats["loss_denoise"]
+    first = adapter.last_step.loss_denoise
     for x in images(2):
         adapter(x)
     adapter.reset()
@@ -75,7 +75,7 @@ def test_one_step_changes_only_norm_affine_parameters_and_reset_is_bit_exact():
     assert not changed(denoiser_source, adapter.denoiser.state_dict())
     assert adapter.optimizer.state_dict()["state"] == {}
     adapter(images(1)[0])  # the masks start again from the seed
-    assert torch.equal(adapter.last_stats["loss_denoise"], first)
+    assert torch.equal(adapter.last_step.loss_denoise, first)
 
 
 def test_segmentation_decoder_gets_no_gradient():

@@ -198,7 +198,7 @@ def test_matches_the_authors_update_rule_step_by_step(multilabel, ensemble):
     lrs = []
     for x, (lr, convs, prediction) in zip(images, expected, strict=True):
         out = adapter(x)
-        lrs.append(float(adapter.last_stats["lr"]))
+        lrs.append(float(adapter.last_step.lr))
         assert lrs[-1] == pytest.approx(lr, rel=1e-5)
         for conv, (weight, bias) in zip(adapter.adaptor.convs, convs, strict=True):
             torch.testing.assert_close(conv.weight, weight, rtol=1e-5, atol=1e-6)
@@ -261,7 +261,7 @@ def test_a_batch_with_nan_is_skipped():
     bad = stream(1)[0]
     bad[0, 1, 2, 2] = float("inf")
     adapter.adapt_batch(bad)
-    assert adapter.n_skipped == 1 and float(adapter.last_stats["skipped"]) == 1.0 and len(adapter.memory) == 2
+    assert adapter.n_skipped == 1 and adapter.last_step.skipped and len(adapter.memory) == 2
     assert all(torch.equal(v, adaptor[k]) for k, v in adapter.adaptor.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(statistics, running(adapter), strict=True))
 
@@ -273,7 +273,7 @@ def test_the_first_prediction_is_the_source_network_on_batch_statistics():
         source = copy.deepcopy(net).train()(x)  # the authors' test: TNet.train(); a fresh adaptor is the identity
     adapter = build_adapter("dltta", net)
     torch.testing.assert_close(adapter(x), source)
-    assert float(adapter.last_stats["lr"]) == 0.0
+    assert float(adapter.last_step.lr) == 0.0
     with_image = DLTTA(ToyUNet(), image_adaptor=True)  # the authors' random image network changes it at once
     assert not torch.allclose(with_image(x), source, atol=1e-3)
 
@@ -304,7 +304,7 @@ def test_a_volume_run_slice_by_slice_is_adapted_per_slice_with_a_key_per_volume(
     assert out.shape == (1, 3, 16, 16, 3) and bool(torch.isfinite(out).all())
     key, values = adapter.memory[-1]
     assert key.ndim == 1 and values.shape == (3, 16, 16, 3)
-    assert float(adapter.last_stats["discrepancy"]) > 0
+    assert float(adapter.last_step.discrepancy) > 0
 
 
 def test_srip_is_the_squared_spectral_norm_of_wtw_minus_identity():
@@ -338,7 +338,7 @@ def test_autoencoders_are_fitted_saved_and_found_beside_the_checkpoint(tmp_path)
     for autoencoders in (untrained, fitted):
         adapter = DLTTA(copy.deepcopy(net), autoencoders=autoencoders)
         adapter(x)  # the first image takes no step (lr 0): its loss is the source network's
-        losses.append(float(adapter.last_stats["loss_reconstruction"]))
+        losses.append(float(adapter.last_step.loss_reconstruction))
     assert losses[1] < 0.5 * losses[0]
     save_autoencoders(fitted, str(tmp_path / "dltta_toy.pt"))
     net.checkpoint_path = str(tmp_path / "source_toy.pt")

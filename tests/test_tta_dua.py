@@ -50,9 +50,9 @@ def test_dua_adapts_on_the_first_images_then_keeps_the_statistics():
     for step, x in enumerate(stream, start=1):
         torch.testing.assert_close(adapter(x), expected[step - 1], msg=f"prediction {step}")
         if step <= 3:
-            assert float(adapter.last_stats["momentum"]) == pytest.approx(0.1 * 0.94**step + 0.005)
+            assert float(adapter.last_step.momentum) == pytest.approx(0.1 * 0.94**step + 0.005)
         else:
-            assert float(adapter.last_stats["momentum"]) == 0
+            assert float(adapter.last_step.momentum) == 0
         if step == 3:
             frozen = running_statistics(adapter.model)
     assert adapter.steps == 3
@@ -81,7 +81,7 @@ def test_dua_counts_the_samples_of_a_batch():
     before = running_statistics(adapter.model)
     adapter(torch.rand(2, 3, 16, 16))  # one more update, from the first sample
     assert adapter.steps == 3
-    assert float(adapter.last_stats["momentum"]) == pytest.approx(0.1 * 0.94**3 + 0.005)
+    assert float(adapter.last_step.momentum) == pytest.approx(0.1 * 0.94**3 + 0.005)
     assert any(not torch.equal(v, before[k]) for k, v in running_statistics(adapter.model).items())
 
 

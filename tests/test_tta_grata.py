@@ -147,8 +147,8 @@ def test_adam_steps_with_the_dynamic_lr(device):
     for _ in range(2):
         adapter(torch.rand(1, 3, 16, 16, device=device))
         lr = adapter.optimizer.param_groups[0]["lr"]
-        assert isinstance(lr, float) and lr == float(adapter.last_stats["lr"])
-    assert all(v.device.type == device.type for v in adapter.last_stats.values())
+        assert isinstance(lr, float) and lr == float(adapter.last_step.lr)
+    assert all(v.device.type == device.type for v in adapter.last_step.scalars().values())
     assert float(adapter.optimizer.state[adapter.params[0]]["step"]) == 2
 
 
@@ -156,21 +156,21 @@ def test_stats_and_options():
     x = torch.rand(1, 3, 16, 16)
     adapter = GraTa(tiny_net(), beta=1e-3)
     adapter(x)
-    stats = adapter.last_stats
+    stats = adapter.last_step.scalars()  # the names the logs use
     assert set(stats) == {"cos", "lr", "loss_aux", "loss_pseudo"}
     assert -1 <= float(stats["cos"]) <= 1
     assert float(stats["lr"]) == pytest.approx(1e-3 * (float(stats["cos"]) + 1) ** 2 / 4, rel=1e-5)
     fixed = GraTa(tiny_net(), beta=1e-3, dynamic_lr=False)
     fixed(x)
-    assert float(fixed.last_stats["lr"]) == pytest.approx(1e-3)
+    assert float(fixed.last_step.lr) == pytest.approx(1e-3)
     for name, act in ACTIVATIONS.items():
         other = GraTa(tiny_net(), beta=1e-3, activation=name)
         other(x)
-        expected = 1e-3 * float(act(other.last_stats["cos"]))
-        assert float(other.last_stats["lr"]) == pytest.approx(expected, rel=1e-5), name
+        expected = 1e-3 * float(act(other.last_step.cos))
+        assert float(other.last_step.lr) == pytest.approx(expected, rel=1e-5), name
     swapped = GraTa(tiny_net(), aux="consistency", pseudo="entropy")
     swapped(x)
-    assert float(swapped.last_stats["loss_aux"]) != pytest.approx(float(stats["loss_aux"]))
+    assert float(swapped.last_step.loss_aux) != pytest.approx(float(stats["loss_aux"]))
     with pytest.raises(ValueError, match="activation"):
         GraTa(tiny_net(), activation="cubic")
     with pytest.raises(ValueError, match="aux"):
@@ -182,10 +182,10 @@ def test_alignment_off_takes_pseudo_gradient_at_theta():
     aligned, unaligned = GraTa(tiny_net(), beta=1e-2, seed=1), GraTa(tiny_net(), beta=1e-2, align=False, seed=1)
     aligned(x)
     unaligned(x)
-    assert float(aligned.last_stats["loss_pseudo"]) != pytest.approx(float(unaligned.last_stats["loss_pseudo"]))
+    assert float(aligned.last_step.loss_pseudo) != pytest.approx(float(unaligned.last_step.loss_pseudo))
     # at theta the pseudo loss equals the consistency loss of the source model on the same strong view
     probe = GraTa(tiny_net(), seed=1)
-    assert float(unaligned.last_stats["loss_pseudo"]) == pytest.approx(float(probe.loss("consistency", x)), rel=1e-6)
+    assert float(unaligned.last_step.loss_pseudo) == pytest.approx(float(probe.loss("consistency", x)), rel=1e-6)
 
 
 def test_same_seed_same_predictions_and_episodic():
@@ -206,7 +206,7 @@ def test_softmax_outputs_and_other_norms():
     x = torch.rand(2, 3, 16, 16)
     adapter = GraTa(tiny_net(out_channels=3), multilabel=False)
     assert adapter(x).shape == (2, 3, 16, 16)
-    assert torch.isfinite(adapter.last_stats["cos"])
+    assert torch.isfinite(adapter.last_step.cos)
     grouped = GraTa(tiny_net(norm=nn.GroupNorm))
     before = [p.clone() for p in grouped.params]
     grouped(x)
@@ -232,7 +232,7 @@ def test_non_finite_image_is_skipped(caplog):
 def test_constant_image_gives_finite_cos():
     adapter = GraTa(tiny_net())
     adapter(torch.zeros(1, 3, 16, 16))
-    assert all(torch.isfinite(v) for v in adapter.last_stats.values())
+    assert all(torch.isfinite(v) for v in adapter.last_step.scalars().values())
     assert all(torch.isfinite(p).all() for p in adapter.params)
 
 
@@ -241,8 +241,8 @@ def test_zero_gradient_gives_cos_zero():
     adapter = GraTa(net)
     adapter.loss = lambda name, x: (adapter.model(x) * 0).sum()
     adapter(torch.rand(1, 3, 16, 16))
-    assert float(adapter.last_stats["cos"]) == 0.0
-    assert torch.isfinite(adapter.last_stats["lr"])
+    assert float(adapter.last_step.cos) == 0.0
+    assert torch.isfinite(adapter.last_step.lr)
 
 
 def test_non_finite_update_is_rolled_back(caplog):
@@ -301,11 +301,11 @@ def test_min_cos_skips_updates_of_disagreeing_gradients():
     x = torch.rand(1, 3, 16, 16)
     probe = GraTa(tiny_net(), beta=1e-2, seed=1)
     probe(x)
-    cos = float(probe.last_stats["cos"])
+    cos = float(probe.last_step.cos)
     skipping = GraTa(tiny_net(), beta=1e-2, seed=1, min_cos=min(cos + 0.1, 0.99))
     before = [p.detach().clone() for p in skipping.params]
     skipping(x)
-    assert float(skipping.last_stats["lr"]) == 0
+    assert float(skipping.last_step.lr) == 0
     assert all(torch.equal(a, b) for a, b in zip(before, skipping.params, strict=True))
     assert not skipping.optimizer.state
     stepping = GraTa(tiny_net(), beta=1e-2, seed=1, min_cos=cos - 0.1)
@@ -332,22 +332,22 @@ def test_min_shift_updates_only_while_the_stream_looks_shifted():
     x = torch.rand(1, 3, 16, 16)
     probe = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=0.0)
     probe(x)
-    shift = float(probe.last_stats["stream_shift"])
-    assert shift > 0 and "cos" in probe.last_stats  # above the threshold: the usual update
+    shift = float(probe.last_step.stream_shift)
+    assert shift > 0 and probe.last_step.cos is not None  # above the threshold: the usual update
     gated = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=shift * 2)
     before = [p.detach().clone() for p in gated.params]
     gated(x)
-    assert float(gated.last_stats["lr"]) == 0 and float(gated.last_stats["gate_open"]) == 0
-    assert "cos" not in gated.last_stats
+    assert float(gated.last_step.lr) == 0 and float(gated.last_step.gate_open) == 0
+    assert gated.last_step.cos is None
     assert all(torch.equal(a, b) for a, b in zip(before, gated.params, strict=True))
     assert not gated.optimizer.state
     # the gate reads the stream's mean: a far-shifted batch lifts it above the threshold, a reset forgets it
     gated(x * 50 + 10)
-    assert float(gated.last_stats["stream_shift"]) > shift * 2 and "cos" in gated.last_stats
-    assert float(gated.last_stats["gate_open"]) == 1
+    assert float(gated.last_step.stream_shift) > shift * 2 and gated.last_step.cos is not None
+    assert float(gated.last_step.gate_open) == 1
     gated.reset()
     gated(x)
-    assert float(gated.last_stats["stream_shift"]) == pytest.approx(shift, rel=1e-5)
+    assert float(gated.last_step.stream_shift) == pytest.approx(shift, rel=1e-5)
     with pytest.raises(ValueError, match="min_shift"):
         GraTa(tiny_net(), normalization=BatchNormPolicy(prior=16), min_shift=-1)
     with pytest.raises(ValueError, match="bn_prior 0 ignores"):
@@ -402,7 +402,7 @@ def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
     forwards = count_forwards(gated)
     gated.adapt_batch(x)
     # the same value as the separate forward's: same weights, same BatchNorm normalisation, read before each layer
-    torch.testing.assert_close(gated.last_stats["stream_shift"], separate, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gated.last_step.stream_shift, separate, rtol=1e-6, atol=1e-7)
     assert forwards[0] == 2 * 3  # per update: entropy, weak views (one batch), strong view; no gate forward
     # the updates are those of the same GraTa without the gate (its first entropy forward is the one reused)
     ungated = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), steps=2)
@@ -412,7 +412,7 @@ def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
     shut = GraTa(tiny_net(), beta=1e-2, seed=3, normalization=BatchNormPolicy(prior=16), min_shift=float(separate) * 2)
     forwards = count_forwards(shut)
     shut.adapt_batch(x)
-    assert forwards[0] == 1 and float(shut.last_stats["gate_open"]) == 0 and shut.n_updated == 0
+    assert forwards[0] == 1 and float(shut.last_step.gate_open) == 0 and shut.n_updated == 0
     # with the consistency loss as the auxiliary one there is no entropy forward at θ: a separate forward
     swapped = GraTa(
         tiny_net(), aux="consistency", pseudo="entropy", normalization=BatchNormPolicy(prior=16), min_shift=0.0
@@ -420,7 +420,7 @@ def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
     forwards = count_forwards(swapped)
     swapped.adapt_batch(x)
     assert forwards[0] == 1 + 3
-    torch.testing.assert_close(swapped.last_stats["stream_shift"], separate, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(swapped.last_step.stream_shift, separate, rtol=1e-6, atol=1e-7)
     # a prior that follows the stream moves only in the prediction forward: each gate reading is the separate
     # forward's at the weights and prior the batch starts from
     following = GraTa(tiny_net(), beta=1e-2, normalization=BatchNormPolicy(prior=16, momentum=0.2), min_shift=0.0)
@@ -428,7 +428,7 @@ def test_the_gate_reads_the_shift_from_the_first_entropy_forward():
     for batch in (x, x * 2 + 1):
         shifts.append(batch_norm_shift(copy.deepcopy(following.model), batch))
         following(batch)
-    torch.testing.assert_close(following.last_stats["stream_shift"], torch.stack(shifts).mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(following.last_step.stream_shift, torch.stack(shifts).mean(), rtol=1e-6, atol=1e-7)
 
 
 def test_settle_updates_fewer_batches_until_the_shift_moves():
@@ -442,7 +442,7 @@ def test_settle_updates_fewer_batches_until_the_shift_moves():
     skipped = []
     for x in similar:
         every(x), settling(x)
-        skipped.append(int(settling.last_stats["settled"]))
+        skipped.append(int(settling.last_step.settled))
     # updates on the first 2 batches, then on every 3rd: batches 1, 2, 5, 8
     assert skipped == [0, 0, 1, 1, 0, 1, 1, 0]
     assert (every.n_updated, settling.n_updated) == (8, 4)
@@ -450,12 +450,12 @@ def test_settle_updates_fewer_batches_until_the_shift_moves():
     far = base * 50 + 10
     for x in [far, far + 0.01]:
         settling(x)
-        assert float(settling.last_stats["settled"]) == 0 and "cos" in settling.last_stats
+        assert float(settling.last_step.settled) == 0 and settling.last_step.cos is not None
     settling(far + 0.02)
-    assert float(settling.last_stats["settled"]) == 1  # settled again after 2 updates at the new site
+    assert float(settling.last_step.settled) == 1  # settled again after 2 updates at the new site
     settling.reset()
     settling(base)
-    assert float(settling.last_stats["settled"]) == 0 and settling.settle_schedule.updates == 1
+    assert float(settling.last_step.settled) == 0 and settling.settle_schedule.updates == 1
     with pytest.raises(ValueError, match="bn_prior 0 ignores"):
         GraTa(tiny_net(), settle=2)
     with pytest.raises(ValueError, match="settle_every"):
@@ -467,7 +467,7 @@ def test_settle_with_the_gate_counts_only_updates_the_gate_lets_through():
     shut = GraTa(tiny_net(), normalization=BatchNormPolicy(prior=16), min_shift=1e6, settle=1, settle_tolerance=1e6)
     for _ in range(3):
         shut(x)
-        assert float(shut.last_stats["gate_open"]) == 0 and float(shut.last_stats["settled"]) == 0
+        assert float(shut.last_step.gate_open) == 0 and float(shut.last_step.settled) == 0
     assert shut.n_updated == 0 and not shut.settle_schedule.settled
 
 

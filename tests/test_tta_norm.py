@@ -36,7 +36,7 @@ def test_norm_select_predicts_with_the_most_confident_candidate():
     before = copy.deepcopy(net.state_dict())
     out = adapter(x)
     chosen = min(entropy, key=entropy.get)
-    assert float(adapter.last_stats["prior"]) == chosen
+    assert float(adapter.last_step.prior) == chosen
     torch.testing.assert_close(out, candidates[chosen], rtol=1e-5, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with pytest.raises(ValueError, match="priors"):

@@ -90,8 +90,8 @@ def test_sar_matches_the_authors_update_step_by_step(reset):
         torch.testing.assert_close(got, outputs[step], rtol=1e-5, atol=1e-5, msg=f"prediction {step}")
         for p, want in zip(adapter.params, states[step], strict=True):
             torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=f"parameters {step}")
-        assert bool(adapter.last_stats["reset"]) == resets[step]
-        assert (float(adapter.last_stats["kept"]) == 0) == (step == 2)
+        assert bool(adapter.last_step.reset) == resets[step]
+        assert (float(adapter.last_step.kept) == 0) == (step == 2)
     expected_resets = {AUTHORS_RESET_FRACTION: [False] * 6, 0.086: [False] * 4 + [True] * 2, 10.0: [True] * 6}
     # "late": the average falls below the threshold at the fifth image; kept through the reset, it is still below
     # after the sixth, computed on the source model
@@ -108,7 +108,7 @@ def test_sar_adapts_where_the_unscaled_reset_kept_it_at_batch_statistics():
         expected = norm(x)
         differ.append(not torch.allclose(sar(x), expected, atol=1e-5))
         torch.testing.assert_close(unscaled(x), expected, rtol=0, atol=1e-6)  # reset after every step
-        assert float(unscaled.last_stats["reset"]) == 1 and float(sar.last_stats["reset"]) == 0
+        assert float(unscaled.last_step.reset) == 1 and float(sar.last_step.reset) == 0
         assert sar.ema > AUTHORS_RESET_FRACTION * math.log(2)
     assert differ == [False, True, True, True]  # the first prediction is the source's, before any update
 

@@ -48,7 +48,7 @@ def test_tent_matches_the_authors_forward_and_adapt_step_by_step():
     source = tiny_net()
     outputs, states = reference_tent(source, stream, lr=1e-2)
     adapter = Tent(copy.deepcopy(source), lr=1e-2)
-    assert adapter.predict == "before"
+    assert adapter.prediction_order == "before"
     for step, x in enumerate(stream):
         torch.testing.assert_close(adapter(x), outputs[step], rtol=1e-5, atol=1e-6, msg=f"prediction {step}")
         for p, want in zip(adapter.params, states[step], strict=True):
@@ -119,7 +119,7 @@ def test_medbn_returns_the_median_normalised_prediction_before_its_update():
     with torch.no_grad():
         expected = convert_to_adaptive_batch_norm(copy.deepcopy(net), BatchNormPolicy(statistic="median"))(x)
     adapter = MedBN(net, lr=1e-2)
-    assert adapter.predict == "before"
+    assert adapter.prediction_order == "before"
     torch.testing.assert_close(adapter(x), expected)
     after = MedBN(tiny_net(), lr=1e-2, predict="after")
     got = after(x)

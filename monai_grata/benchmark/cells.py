@@ -19,7 +19,7 @@ from torch import nn
 
 from monai_grata.data import TaskSpec, domain_datalist, split_train_val
 from monai_grata.handlers.surface_distance import voxel_spacing
-from monai_grata.tta import PRESETS, PatchAdaptation, adapter_class, build_adapter, resolve_method
+from monai_grata.tta import PRESETS, AdaptationStep, PatchAdaptation, adapter_class, build_adapter, resolve_method
 from monai_grata.utils.per_image import finite_mean
 
 from .bundle import DEFAULT_BUNDLE, BundleSetup, bundle_setup
@@ -201,7 +201,7 @@ def predict_stream(
     images: Sequence[dict[str, torch.Tensor]],
     ckpt_path: str,
     device: str | torch.device = "cpu",
-    adapter_stats: list[dict[str, torch.Tensor]] | None = None,
+    adapter_stats: list[AdaptationStep] | None = None,
     setup: BundleSetup | None = None,
 ) -> tuple[list[torch.Tensor], float, nn.Module | None]:
     """Adapt the source model continually over ``images`` (batch size 1, in order); only ``item["image"]`` is
@@ -217,7 +217,7 @@ def predict_stream(
         images: preprocessed items from :func:`load_target`.
         ckpt_path: the source model's checkpoint.
         device: where the model runs.
-        adapter_stats: when given, the adapter's ``last_stats`` of every image (cos, lr, stream_shift, ...) are
+        adapter_stats: when given, the adapter's ``last_step`` of every image (cos, lr, stream_shift, ...) are
             appended to it, still on the device (read once the stream is done, not per image).
         setup: the bundle (network, inferer, task; default: :func:`default_setup`).
 
@@ -251,7 +251,7 @@ def predict_stream(
         elapsed += time.perf_counter() - start
         logits_all.append(logits)
         if adapter_stats is not None and adapter is not None:
-            adapter_stats.append(adapter.last_stats)  # a new dict of 0-dim tensors per batch
+            adapter_stats.append(adapter.last_step)  # 0-dim tensors still on the device
     return logits_all, elapsed, adapter
 
 
@@ -279,16 +279,17 @@ def run_cell(
     """
     setup = setup or default_setup()
     channels = setup.task.channels
-    stats: list[dict[str, torch.Tensor]] = []
+    stats: list[AdaptationStep] = []
     logits_all, elapsed, adapter = predict_stream(cell, images, ckpt_path, device, stats, setup)
     rows, dice, assd = [], [], []
-    for item, logits, image_stats in zip(images, logits_all, stats or [{}] * len(images), strict=True):
+    for item, logits, step in zip(images, logits_all, stats or [None] * len(images), strict=True):
         d, a = _score(logits, item, setup.task)
         dice.append(d)
         assd.append(a)
         rows.append({"filename": item["name"], **{f"dice_{c}": float(d[i]) for i, c in enumerate(channels)}})
         rows[-1].update({f"assd_{c}": float(a[i]) for i, c in enumerate(channels)})
-        rows[-1].update({f"adapt_{k}": float(v) for k, v in image_stats.items() if v.numel() == 1})
+        scalars = step.scalars() if step is not None else {}
+        rows[-1].update({f"adapt_{k}": float(v) for k, v in scalars.items() if v.numel() == 1})
     dice_t, assd_t = torch.stack(dice), torch.stack(assd)
     summary: dict[str, float] = {}
     for i, c in enumerate(channels):

@@ -81,9 +81,10 @@ class StreamReport:
                     out[f"{prefix}dice_{name}"] = dice[:, c].tolist()
         history = self.tta_handler.history if self.tta_handler is not None else []
         for key in ("cos", "lr"):
-            if any(key in h for h in history):
+            values = [getattr(step, key, None) for step in history]
+            if any(v is not None for v in values):
                 nan = torch.tensor(float("nan"))
-                out[key] = torch.stack([h.get(key, nan).detach().cpu().float() for h in history]).tolist()
+                out[key] = torch.stack([(nan if v is None else v).detach().cpu().float() for v in values]).tolist()
         return out
 
     def __call__(self, engine: Engine) -> None:

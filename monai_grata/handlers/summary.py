@@ -42,9 +42,10 @@ class RunSummary:
         structures: the names of the segmented structures, for the Dice line (default: the ``task``'s, else the
             report's channel names).
         mask_legend: what the values of the written label maps mean (default: the ``task``'s, else none).
-        tta_handler: the run's :class:`~monai_grata.handlers.TTAHandler`; its ``history`` of step statistics
-            gives the count of updated batches (a batch counts as updated when its step size ``lr`` was > 0 and
-            the step was not rolled back) and of those a gated GraTa's shift gate held (``gate_open`` 0).
+        tta_handler: the run's :class:`~monai_grata.handlers.TTAHandler`; its ``history`` of
+            :class:`~monai_grata.tta.AdaptationStep` gives the count of updated batches (``updated`` and not rolled
+            back) and of those a gated GraTa's shift gate held (``gate_open`` 0). Methods whose steps change nothing
+            that persists (BatchNorm statistics alone) get no such line.
         task: the task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as ``"fundus"``), for the
             default ``structures`` and ``mask_legend``.
     """
@@ -96,13 +97,14 @@ class RunSummary:
 
     def _adaptation_rows(self) -> list[str]:
         history = getattr(self.tta_handler, "history", None) or []
-        steps = [h for h in history if "lr" in h]
-        if not steps:
+        changes = next((step.changes for step in history if not step.skipped), None)
+        if changes is None:
             return []
+        updated = sum(step.updated and not step.rolled_back for step in history)
+        line = f"Adaptation updated {changes} on {updated} of {len(history)} batches"
         # one host read per image, once the stream is done
-        updated = [bool(float(h["lr"]) > 0 and not float(h.get("rolled_back", 0))) for h in steps]
-        line = f"Adaptation updated the weights on {sum(updated)} of {len(history)} batches"
-        held = sum(not float(h["gate_open"]) for h in history if "gate_open" in h)
+        gates = [gate for step in history if (gate := getattr(step, "gate_open", None)) is not None]
+        held = sum(not float(gate) for gate in gates)
         if held:
             line += f"; the shift gate (min_shift) held them on {held} (the stream looked like the source domain)"
         return [line + "."]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from monai_grata.tta import PatchAdaptation, TTAdapter, build_adapter, resolve_method
+from monai_grata.tta import AdaptationStep, PatchAdaptation, TTAdapter, build_adapter, resolve_method
 
 __all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
 
@@ -26,20 +26,23 @@ class TTAHandler:
 
     At ``ITERATION_STARTED`` the handler prepares the batch with the evaluator's ``prepare_batch`` and runs
     one adaptation step; the evaluator's forward then predicts with the updated weights, which is the
-    prediction step of the algorithm (no extra forward pass). The step's statistics are published as
-    ``engine.state.tta`` (0-dim tensors) and, after the forward, under ``"tta"`` in every decollated output
-    item, so ``StatsHandler``/``MLFlowHandler`` log them with ``output_transform=tta_output_transform``;
-    ``history`` keeps them for the whole stream. Attach it before the logging handlers.
+    prediction step of the algorithm (no extra forward pass): for that iteration the evaluator's inferer calls the
+    adapter's :meth:`~monai_grata.tta.TTAdapter.predict` in place of the network (the model's forward, or e.g.
+    DIGA's fusion with its prototypes). The step (an :class:`~monai_grata.tta.AdaptationStep`) is published as
+    ``engine.state.tta`` and, after the forward, its :meth:`~monai_grata.tta.AdaptationStep.scalars` (0-dim tensors,
+    plus ``n_patches`` in patch adaptation) under ``"tta"`` in every decollated output item, so
+    ``StatsHandler``/``MLFlowHandler`` log them with ``output_transform=tta_output_transform``; ``history`` keeps
+    the steps for the whole stream. Attach it before the logging handlers.
 
     Volumes: when the evaluator's inferer is a ``SlidingWindowInferer``, the handler adapts on ``num_patches``
     windows of each volume, never the whole volume at once, and the evaluator's sliding-window forward then predicts
     every window with the adapted weights and the BatchNorm statistics of those patches
     (:class:`~monai_grata.tta.PatchAdaptation`; the design and its cost are in ``docs/volumes.md``).
 
-    Methods that predict before their update (``adapter.predict == "before"``: TENT, SAR, MedBN as their authors
-    run them): for that iteration the evaluator's inferer returns the logits the update was computed from, so
-    postprocessing and metrics see them and no second forward runs. Patch adaptation has no whole-volume logits
-    before the update, so there the evaluator's prediction after the update stands (a warning says so).
+    Methods that predict before their update (``adapter.prediction_order == "before"``: TENT, SAR, MedBN as their
+    authors run them): for that iteration the evaluator's inferer returns the logits the update was computed from, so
+    postprocessing and metrics see them and no second forward runs. Patch adaptation has no whole-volume logits before
+    the update, so there the evaluator's prediction after the update stands (a warning says so).
 
     Args:
         adapter: a ready adapter whose ``model`` is the evaluator's network; or ``None`` to build one with
@@ -69,7 +72,7 @@ class TTAHandler:
         self.adapter, self.method, self.network, self.adapter_kwargs = adapter, method, network, adapter_kwargs
         self.reset_key, self.patch_adaptation, self.num_patches = reset_key, patch_adaptation, num_patches
         self.patches: PatchAdaptation | None = None
-        self.history: list[dict[str, torch.Tensor]] = []
+        self.history: list[AdaptationStep] = []
         self._last_group: Any = None
         self._frozen = contextlib.ExitStack()
         self._before = False
@@ -99,13 +102,20 @@ class TTAHandler:
         self.patches = (
             PatchAdaptation(self.adapter, inferer.roi_size, self.num_patches, inferer.overlap) if use_patches else None
         )
-        self._before = self.adapter.predict == "before" and self.patches is None and hasattr(engine, "inferer")
-        if self.adapter.predict == "before" and not self._before:
+        before = self.adapter.prediction_order == "before"
+        self._before = before and self.patches is None and hasattr(engine, "inferer")
+        if before and not self._before:
             logger.warning(
                 "%s predicts before its update, but %s: the evaluator's prediction after the update is used",
                 type(self.adapter).__name__,
                 "patch adaptation has no whole-volume logits before it" if use_patches else "the engine has no "
                 "inferer",
+            )
+        if not hasattr(engine, "inferer") and type(self.adapter).predict is not TTAdapter.predict:
+            logger.warning(
+                "%s predicts with its own predict(), but the engine has no inferer to run it: the engine's forward "
+                "gives the network's prediction",
+                type(self.adapter).__name__,
             )
         self.history = []
         self._last_group = None
@@ -127,14 +137,16 @@ class TTAHandler:
         self._release()
         if self._before:  # adapts; the evaluator's forward, next, returns the logits the update started from
             self._frozen.enter_context(_inferer_returning(engine, self.adapter(prepared[0])))
-            stats = self.adapter.last_stats
+            step = self.adapter.last_step
         elif self.patches is None:
-            stats = self.adapter.adapt_batch(prepared[0])
+            step = self.adapter.adapt_batch(prepared[0])
         else:  # the evaluator's forward, next, runs under the patches' statistics until ITERATION_COMPLETED
-            stats = self.patches.adapt(prepared[0])
+            step = self.patches.adapt(prepared[0])
             self._frozen.enter_context(self.patches.frozen())
-        engine.state.tta = stats
-        self.history.append(stats)
+        if not self._before and hasattr(engine, "inferer"):
+            self._frozen.enter_context(_inferer_predicting(engine, self.adapter.predict))
+        engine.state.tta = step
+        self.history.append(step)
 
     def _release(self, engine: Engine | None = None) -> None:
         """Undo what an iteration set up for the evaluator's forward (the patches' BatchNorm statistics, or the
@@ -142,12 +154,15 @@ class TTAHandler:
         self._frozen.close()
 
     def publish(self, engine: Engine) -> None:
-        """Add the step's statistics to every output item of the iteration."""
+        """Add the step's statistics, by name, to every output item of the iteration."""
         self._release()
+        scalars = engine.state.tta.scalars()
+        if self.patches is not None:
+            scalars["n_patches"] = torch.tensor(float(len(self.patches.positions)))
         output = engine.state.output
         for item in output if isinstance(output, (list, tuple)) else [output]:
             if isinstance(item, dict):
-                item[STATS_KEY] = engine.state.tta
+                item[STATS_KEY] = scalars
 
 
 @contextlib.contextmanager
@@ -155,6 +170,17 @@ def _inferer_returning(engine: Engine, logits: torch.Tensor):
     """Within the block, the engine's inferer returns ``logits`` instead of running the network."""
     inferer = engine.inferer
     engine.inferer = lambda inputs, network, *args, **kwargs: logits
+    try:
+        yield
+    finally:
+        engine.inferer = inferer
+
+
+@contextlib.contextmanager
+def _inferer_predicting(engine: Engine, predict: Callable[[torch.Tensor], torch.Tensor]):
+    """Within the block, the engine's inferer runs ``predict`` where it would run the network."""
+    inferer = engine.inferer
+    engine.inferer = lambda inputs, network, *args, **kwargs: inferer(inputs, predict, *args, **kwargs)
     try:
         yield
     finally:

@@ -2,6 +2,7 @@
 
 from .base import (
     NORM_LAYERS,
+    GradientAdapter,
     TTAdapter,
     adapter_class,
     adapter_defaults,
@@ -11,16 +12,16 @@ from .base import (
     register_adapter,
 )
 from .calibration import per_batch_shifts, read_shift_threshold, shift_threshold
-from .detta import DeTTA, blind_spot, denoising_loss
-from .diga import DIGA
-from .dltta import DLTTA, symmetric_kl
-from .domainadaptor import DomainAdaptor, generalized_entropy_loss
-from .dua import DUA, dua_copies
+from .detta import DeTTA, DeTTAStep, blind_spot, denoising_loss
+from .diga import DIGA, DIGAStep
+from .dltta import DLTTA, DLTTAStep, symmetric_kl
+from .domainadaptor import DomainAdaptor, DomainAdaptorStep, generalized_entropy_loss
+from .dua import DUA, DUAStep, dua_copies
 from .features import FeatureTap
-from .grata import ACTIVATIONS, GraTa
+from .grata import ACTIVATIONS, GraTa, GraTaStep
 from .losses import consistency_loss, entropy_loss, probabilities
 from .medbn import MedBN
-from .norm import BatchNormStatistics, SelectedBatchNormStatistics
+from .norm import BatchNormStatistics, NormStep, SelectedBatchNormStatistics
 from .normalization import (
     AdaptiveBatchNorm,
     BatchNormPolicy,
@@ -35,12 +36,24 @@ from .normalization import (
 )
 from .patches import PatchAdaptation, patch_positions, sample_patches
 from .presets import PRESETS, effective_options, resolve_method
-from .sar import SAR, pixel_entropy
+from .sar import SAR, SARStep, pixel_entropy
 from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
-from .tent import Tent
+from .steps import AdaptationStep
+from .tent import Tent, TentStep
 
 __all__ = [
     "ACTIVATIONS",
+    "AdaptationStep",
+    "DeTTAStep",
+    "DIGAStep",
+    "DLTTAStep",
+    "DomainAdaptorStep",
+    "DUAStep",
+    "GradientAdapter",
+    "GraTaStep",
+    "NormStep",
+    "SARStep",
+    "TentStep",
     "DIGA",
     "DeTTA",
     "blind_spot",

@@ -1,4 +1,5 @@
-"""The lifecycle every test-time adapter shares: configure, collect, adapt-and-predict, reset."""
+"""The lifecycle every test-time adapter shares: configure, set up, adapt, predict, reset; and, for the methods that
+take gradient steps, collect, optimise, roll back."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from torch import nn
 from torch.profiler import record_function
 
 from .normalization import AdaptiveBatchNorm, BatchNormPolicy, convert_to_adaptive_batch_norm, track_test_statistics
+from .steps import AdaptationStep
 
 __all__ = [
     "NORM_LAYERS",
     "PREDICTION_ORDERS",
+    "AdaptationStep",
+    "GradientAdapter",
     "TTAdapter",
     "adapter_class",
     "adapter_defaults",
@@ -159,15 +163,36 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, snapshot: tuple[dict, l
         group.update(saved)
 
 
-class TTAdapter(nn.Module):
-    """Base class of test-time adapters: ``adapter(x)`` adapts on ``x`` and returns its logits (by default from the
-    updated model; ``predict="before"``: those the update was computed from).
+class _SetUpAfterConstruction(type):
+    """Metaclass of the adapters: :meth:`TTAdapter._set_up` runs once the whole constructor has returned, so that a
+    subclass sets its fields after ``super().__init__`` as any module does, and :meth:`TTAdapter.setup`,
+    ``collect_params`` and ``build_optimizer`` see them."""
 
-    A subclass implements :meth:`adapt` (one update on a batch, returning its statistics) and may override
-    :meth:`configure_model`, :meth:`collect_params` and :meth:`build_optimizer`. The base class freezes
-    everything but the collected parameters, keeps the source state of model and optimizer for
-    :meth:`reset`, skips batches with non-finite values, and rolls back an update that leaves any adapted
-    parameter non-finite.
+    def __call__(cls, *args, **kwargs):
+        adapter = super().__call__(*args, **kwargs)
+        adapter._set_up()
+        return adapter
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        # the constructor's arguments, not this __call__'s (*args, **kwargs): adapter_defaults reads them
+        signature = inspect.signature(cls.__init__)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+class TTAdapter(nn.Module, metaclass=_SetUpAfterConstruction):
+    """Base class of test-time adapters: ``adapter(x)`` adapts on ``x`` and returns its prediction (:meth:`predict`,
+    after the update).
+
+    Construction: the subclass's constructor calls ``super().__init__`` and sets its own fields (plain values before
+    or after that call, modules after it); once the whole constructor has returned, the base class configures the
+    model (:meth:`configure_model`), freezes its parameters, and calls :meth:`setup`, where a subclass registers its
+    extra modules and builds what depends on the configured model; then it keeps the source state for :meth:`reset`.
+
+    A subclass implements :meth:`adapt` (one update on a batch, returning its :class:`AdaptationStep`) and may
+    override :meth:`predict` (a method that changes the prediction rather than the weights). The base class resets
+    before every batch when episodic and skips batches with non-finite values. Methods that take gradient steps
+    derive from :class:`GradientAdapter`, which adds the optimizer and the rollback of non-finite updates.
 
     Args:
         model: the source model, adapted in place.
@@ -175,43 +200,29 @@ class TTAdapter(nn.Module):
         normalization: how every BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; None: the class's
             ``default_normalization``, the test batch's own statistics as in the papers). A prior that follows the
             stream (``momentum``) moves once per batch, in its prediction forward.
-        predict: which prediction ``adapter(x)`` returns: ``"after"`` (the model updated on ``x`` predicts it) or
-            ``"before"`` (the logits of the forward the update's loss was computed from, as TENT, SAR and MedBN
-            return them; only methods that compute their loss through :meth:`loss_forward` have them, and a batch
-            whose update was skipped gets a fresh forward).
     """
 
     #: whether results depend on a random seed (a benchmark then runs several seeds)
     stochastic: bool = False
     #: the BatchNorm policy when the constructor gets none
     default_normalization: BatchNormPolicy = BatchNormPolicy()
+    #: what ``adapter(x)`` returns: the prediction ``"after"`` the update (see :class:`GradientAdapter`)
+    prediction_order: str = "after"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        episodic: bool = False,
-        normalization: BatchNormPolicy | None = None,
-        predict: str = "after",
-    ) -> None:
+    def __init__(self, model: nn.Module, episodic: bool = False, normalization: BatchNormPolicy | None = None) -> None:
         super().__init__()
-        if predict not in PREDICTION_ORDERS:
-            raise ValueError(f"predict must be one of {PREDICTION_ORDERS} (relative to the update), got {predict!r}")
         self.normalization = self.resolve_normalization(normalization)
-        self.model = self.configure_model(model)
-        self.params = self.collect_params(self.model)
-        self.model.requires_grad_(False)
-        for p in self.params:
-            p.requires_grad_(True)
-        self.optimizer = self.build_optimizer(self.params)
-        self.episodic, self.predict = episodic, predict
-        #: with ``predict="before"``, inside :meth:`forward`: the detached logits of the batch's loss forward
-        self.logits_before: torch.Tensor | None = None
-        self._keep_logits_before = False
-        self.last_stats: dict[str, torch.Tensor] = {}
+        self.model, self.episodic = model, episodic
+        #: the statistics of the latest :meth:`adapt_batch` (None before the first)
+        self.last_step: AdaptationStep | None = None
         self.n_skipped = 0
-        self.n_rolled_back = 0
+
+    def _set_up(self) -> None:
+        """Configure and freeze the model, run :meth:`setup`, keep the source state (after the constructor)."""
+        self.model = self.configure_model(self.model)
+        self.model.requires_grad_(False)
+        self.setup()
         self._source_model = copy.deepcopy(self.model.state_dict())
-        self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
     @classmethod
     def resolve_normalization(cls, normalization: BatchNormPolicy | None) -> BatchNormPolicy:
@@ -231,6 +242,106 @@ class TTAdapter(nn.Module):
         :class:`~monai_grata.tta.AdaptiveBatchNorm` that normalises as :attr:`normalization` says)."""
         return convert_to_adaptive_batch_norm(model.eval(), self.normalization)
 
+    def setup(self) -> None:
+        """Set up what the method needs beyond the configured, frozen :attr:`model` (its extra modules, hooks on
+        the model's layers); runs once, after the constructor and :meth:`configure_model`. Default: nothing."""
+
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        """The latest step's statistics by name (:meth:`AdaptationStep.scalars`), for callers of the earlier
+        interface; prefer :attr:`last_step`."""
+        return {} if self.last_step is None else self.last_step.scalars()
+
+    def adapt(self, x: torch.Tensor) -> AdaptationStep:
+        """Run one update on the batch ``x``; return the step's statistics (0-dim tensors)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The prediction of ``x`` with the adapted state (default: the model's forward). An evaluator's inferer
+        calls it in place of the network, for the whole input or for each window of a sliding window."""
+        return self.model(x)
+
+    def reset(self) -> None:
+        """Restore the source state, bit-exactly."""
+        self.model.load_state_dict(self._source_model, strict=True)
+
+    def adapt_batch(self, x: torch.Tensor) -> AdaptationStep:
+        """Adapt on ``x`` (with the episodic reset and the input check); return the step's statistics.
+
+        Works inside a caller's ``torch.no_grad()`` block, such as a MONAI evaluator's forward.
+        """
+        if self.episodic:
+            self.reset()
+        if not bool(torch.isfinite(x).all()):
+            self.n_skipped += 1
+            logger.warning("skipped adaptation on a batch with NaN/Inf values (no update)")
+            self.last_step = AdaptationStep(updated=False, skipped=True)
+            return self.last_step
+        step = self._checked_adapt(x)
+        if not isinstance(step, AdaptationStep):
+            raise TypeError(f"{type(self).__name__}.adapt must return an AdaptationStep, got {type(step).__name__}")
+        self.last_step = step
+        return step
+
+    @torch.no_grad()
+    def _checked_adapt(self, x: torch.Tensor) -> AdaptationStep:
+        return self.adapt(x)  # no gradient step: no autograd graph either
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Adapt on ``x`` and return its prediction after the update."""
+        self.adapt_batch(x)
+        return self._predict_batch(x)
+
+    def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict` as the batch's one prediction: a BatchNorm prior that follows the stream moves in it."""
+        with torch.no_grad(), record_function("tta/predict"), track_test_statistics(self.model):
+            return self.predict(x)
+
+
+class GradientAdapter(TTAdapter):
+    """Base class of the adapters that take gradient steps: :class:`TTAdapter` plus the adapted parameters, their
+    optimizer, and the rollback of an update that leaves any adapted parameter non-finite (the weights and the
+    optimizer's state before the step are restored).
+
+    After :meth:`~TTAdapter.setup` the base class collects the parameters (:meth:`collect_params`), freezes all
+    others and builds the optimizer (:meth:`build_optimizer`); :meth:`reset` restores the source weights and a
+    fresh optimizer state.
+
+    Args:
+        model: the source model, adapted in place.
+        episodic: reset to the source weights before every batch (otherwise adaptation is continual).
+        normalization: how every BatchNorm normalises (see :class:`TTAdapter`).
+        predict: which prediction ``adapter(x)`` returns (kept as :attr:`prediction_order`): ``"after"`` (the model
+            updated on ``x`` predicts it) or ``"before"`` (the logits of the forward the update's loss was computed
+            from, as TENT, SAR and MedBN return them; only methods that compute their loss through
+            :meth:`loss_forward` have them, and a batch whose update was skipped gets a fresh forward).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        episodic: bool = False,
+        normalization: BatchNormPolicy | None = None,
+        predict: str = "after",
+    ) -> None:
+        if predict not in PREDICTION_ORDERS:
+            raise ValueError(f"predict must be one of {PREDICTION_ORDERS} (relative to the update), got {predict!r}")
+        super().__init__(model, episodic=episodic, normalization=normalization)
+        self.prediction_order = predict
+        #: with ``predict="before"``, inside :meth:`forward`: the detached logits of the batch's loss forward
+        self.logits_before: torch.Tensor | None = None
+        self._keep_logits_before = False
+        self.n_rolled_back = 0
+
+    def _set_up(self) -> None:
+        super()._set_up()
+        self.params = self.collect_params(self.model)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = self.build_optimizer(self.params)
+        self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
+
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters to adapt (default: normalisation affine parameters)."""
         return collect_norm_params(model)
@@ -238,10 +349,6 @@ class TTAdapter(nn.Module):
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimizer of the adapted parameters (default: Adam, lr 1e-4)."""
         return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999))
-
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run one update on the batch ``x``; return the step's statistics as 0-dim tensors."""
-        raise NotImplementedError
 
     def loss_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward of ``x`` that the update's loss is computed from (with gradients).
@@ -261,26 +368,16 @@ class TTAdapter(nn.Module):
 
     def reset(self) -> None:
         """Restore the source weights and a fresh optimizer state, bit-exactly."""
-        self.model.load_state_dict(self._source_model, strict=True)
+        super().reset()
         self.optimizer.load_state_dict(self._source_optimizer)
         self.optimizer.state.clear()
 
     @torch.enable_grad()
-    def adapt_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Adapt on ``x`` (with the episodic reset, input check and rollback); return the step's statistics.
-
-        Works inside a caller's ``torch.no_grad()`` block, such as a MONAI evaluator's forward.
-        """
-        if self.episodic:
-            self.reset()
-        if not bool(torch.isfinite(x).all()):
-            self.n_skipped += 1
-            logger.warning("skipped adaptation on a batch with NaN/Inf values (no weight update)")
-            self.last_stats = {"skipped": torch.tensor(1.0)}
-            return self.last_stats
+    def _checked_adapt(self, x: torch.Tensor) -> AdaptationStep:
+        """:meth:`adapt`, rolled back when it leaves an adapted parameter non-finite."""
         before = [p.detach().clone() for p in self.params]
         optimizer_before = _snapshot_optimizer(self.optimizer)
-        stats = self.adapt(x)
+        step = self.adapt(x)
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
             with torch.no_grad():
                 for p, old in zip(self.params, before, strict=True):
@@ -288,9 +385,8 @@ class TTAdapter(nn.Module):
             _restore_optimizer(self.optimizer, optimizer_before)
             self.n_rolled_back += 1
             logger.warning("rolled back an adaptation step that left non-finite adapted weights")
-            stats["rolled_back"] = torch.tensor(1.0)
-        self.last_stats = stats
-        return stats
+            step.updated, step.rolled_back = False, True
+        return step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapt on ``x`` and return its logits: from the updated model (``predict="after"``), or those of the loss
@@ -300,13 +396,10 @@ class TTAdapter(nn.Module):
         logits are kept: they are the restored weights' prediction.
         """
         self.logits_before = None
-        self._keep_logits_before = self.predict == "before"
+        self._keep_logits_before = self.prediction_order == "before"
         try:
             self.adapt_batch(x)
         finally:
             self._keep_logits_before = False
         logits, self.logits_before = self.logits_before, None
-        if logits is not None:
-            return logits
-        with torch.no_grad(), record_function("tta/predict"), track_test_statistics(self.model):
-            return self.model(x)
+        return logits if logits is not None else self._predict_batch(x)

@@ -4,6 +4,7 @@ trained at test time by a blind-spot denoising loss through a denoising decoder 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -20,10 +21,11 @@ from monai_grata.networks.denoiser import (
     tap_features,
 )
 
-from .base import TTAdapter, collect_norm_params, register_adapter
-from .normalization import BatchNormPolicy
+from .base import GradientAdapter, collect_norm_params, register_adapter
+from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm
+from .steps import AdaptationStep
 
-__all__ = ["DeTTA", "blind_spot", "denoising_loss", "resolve_denoiser"]
+__all__ = ["DeTTA", "DeTTAStep", "blind_spot", "denoising_loss", "resolve_denoiser"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,19 @@ def resolve_denoiser(denoiser: str | nn.Module | None, model: nn.Module, seed: i
     return load_denoiser(denoiser).to(next(model.parameters()).device)
 
 
+@dataclasses.dataclass(kw_only=True)
+class DeTTAStep(AdaptationStep):
+    """A DeTTA step.
+
+    Args:
+        loss_denoise: the blind-spot denoising loss the step minimised.
+    """
+
+    loss_denoise: torch.Tensor
+
+
 @register_adapter("detta")
-class DeTTA(TTAdapter):
+class DeTTA(GradientAdapter):
     """DeTTA baseline. Per test batch x:
 
     1. x̃, m = :func:`blind_spot` (x): ``mask_ratio`` of the positions replaced by a random neighbour within a
@@ -156,20 +169,17 @@ class DeTTA(TTAdapter):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if window < 3 or window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {window}")
-        self.lr, self.mask_ratio, self.window, self.seed = float(lr), float(mask_ratio), int(window), int(seed)
-        # a plain attribute until nn.Module.__init__ has run (configure_model registers it as a submodule)
-        object.__setattr__(self, "_pending_denoiser", resolve_denoiser(denoiser, model, self.seed))
         super().__init__(model, episodic=episodic, normalization=normalization)
-        self._source_denoiser = copy.deepcopy(self.denoiser.state_dict())
+        self.lr, self.mask_ratio, self.window, self.seed = float(lr), float(mask_ratio), int(window), int(seed)
+        self.denoiser: DenoisingDecoder = resolve_denoiser(denoiser, model, self.seed)
         self._generator: torch.Generator | None = None
 
-    def configure_model(self, model: nn.Module) -> nn.Module:
-        self.denoiser: DenoisingDecoder = self.__dict__.pop("_pending_denoiser")
-        super().configure_model(self.denoiser)  # its BatchNorm normalises as the network's does
-        return super().configure_model(model)
+    def setup(self) -> None:
+        # the denoiser's BatchNorm normalises as the network's does; only its normalisation parameters adapt
+        convert_to_adaptive_batch_norm(self.denoiser.eval(), self.normalization).requires_grad_(False)
+        self._source_denoiser = copy.deepcopy(self.denoiser.state_dict())
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        self.denoiser.requires_grad_(False)
         return collect_norm_params(model) + collect_norm_params(self.denoiser)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -180,7 +190,7 @@ class DeTTA(TTAdapter):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> DeTTAStep:
         masked, mask = blind_spot(x, self.mask_ratio, self.window, self._random(x.device))
         features = tap_features(self.model, masked, self.denoiser.layer, self.denoiser.tap)
         denoised = self.denoiser(features)
@@ -191,7 +201,7 @@ class DeTTA(TTAdapter):
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss_denoise": loss.detach()}
+        return DeTTAStep(loss_denoise=loss.detach())
 
     def reset(self) -> None:
         super().reset()

@@ -3,6 +3,8 @@ mixed with the source's, and a prototype classifier on the network's features fu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,8 +13,9 @@ from .base import TTAdapter, register_adapter
 from .features import FeatureTap
 from .losses import probabilities
 from .normalization import BatchNormPolicy
+from .steps import AdaptationStep
 
-__all__ = ["DIGA"]
+__all__ = ["DIGA", "DIGAStep"]
 
 _EPS = 1e-6
 
@@ -55,6 +58,19 @@ def _prototype_probabilities(
     return torch.softmax(scores, dim=-1).movedim((-2, -1), (1, 2))
 
 
+@dataclasses.dataclass(kw_only=True)
+class DIGAStep(AdaptationStep):
+    """A DIGA step.
+
+    Args:
+        confident: the fraction of pseudo-labelled pixels.
+    """
+
+    changes = "the prototypes"
+
+    confident: torch.Tensor
+
+
 @register_adapter("diga")
 class DIGA(TTAdapter):
     """DIGA baseline, backward-free; no weight changes. Per test image:
@@ -76,14 +92,14 @@ class DIGA(TTAdapter):
     Deviation from the authors' code, which updates the running prototypes with the ground-truth label map (a label
     leak): here they are updated with the same confident pseudo-labels as the instance prototypes.
 
-    The fusion runs in every forward of the wrapped model (a forward hook), so it applies inside a MONAI evaluator
-    driven by :class:`~monai_grata.handlers.TTAHandler` too; :meth:`adapt` (one extra forward) updates the running
-    prototypes.
+    The fusion is :meth:`predict`, which :class:`~monai_grata.handlers.TTAHandler` makes a MONAI evaluator's inferer
+    call in place of the network (per window under a sliding window, as for every method); :meth:`adapt` (one
+    extra forward) updates the running prototypes.
 
-    After each call ``last_stats`` holds ``confident`` (the fraction of pseudo-labelled pixels).
+    After each call ``last_step`` (a :class:`DIGAStep`) holds ``confident`` (the fraction of pseudo-labelled pixels).
 
     Args:
-        model: the source network (its BatchNorm configured in place; a hook added).
+        model: the source network (its BatchNorm configured in place; a hook on the feature layer added).
         confidence: the pseudo-label threshold.
         proto_rho: the running prototypes' step towards each instance prototype.
         proto_lambda: the weight of the running prototypes' prediction against the instance's.
@@ -119,11 +135,12 @@ class DIGA(TTAdapter):
         self.confidence, self.proto_rho, self.proto_lambda = float(confidence), float(proto_rho), float(proto_lambda)
         self.fusion_lambda, self.tau, self.multilabel = float(fusion_lambda), float(tau), multilabel
         super().__init__(model, episodic=episodic, normalization=normalization)
-        self.tap = FeatureTap(self.model, feature_layer)
+        self.feature_layer = feature_layer
         self.prototypes: torch.Tensor | None = None  # (G, K, F)
         self.exists: torch.Tensor | None = None  # (G, K)
-        self._fusing = True
-        self._hook = self.model.register_forward_hook(self._fuse)
+
+    def setup(self) -> None:
+        self.tap = FeatureTap(self.model, self.feature_layer)
 
     def _features(self, logits: torch.Tensor) -> torch.Tensor:
         features = self.tap.features
@@ -144,9 +161,14 @@ class DIGA(TTAdapter):
         return _prototypes(features, self.pseudo_labels(logits), k)
 
     @torch.no_grad()
-    def _fuse(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor | None:
-        if not self._fusing or self.prototypes is None:
-            return None
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's prediction of ``x`` fused with the prototypes' (the network's alone before the first
+        :meth:`adapt`)."""
+        logits = self.model(x)
+        return logits if self.prototypes is None else self.fuse(logits)
+
+    def fuse(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the fused prediction, from the network's ``logits`` and the features of the same forward."""
         features = self._features(logits)
         instance, exists = self.instance_prototypes(features, logits)
         p_mean = _prototype_probabilities(features, self.prototypes, self.exists, self.tau)
@@ -161,12 +183,8 @@ class DIGA(TTAdapter):
         return torch.log(p[:, 0].clamp_min(_EPS))
 
     @torch.no_grad()
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._fusing = False
-        try:
-            logits = self.model(x)
-        finally:
-            self._fusing = True
+    def adapt(self, x: torch.Tensor) -> DIGAStep:
+        logits = self.model(x)
         features = self._features(logits)
         instance, exists = self.instance_prototypes(features, logits)
         if self.prototypes is None:
@@ -175,7 +193,7 @@ class DIGA(TTAdapter):
         moved = torch.where(exists[..., None], torch.lerp(self.prototypes, instance, self.proto_rho), self.prototypes)
         self.prototypes = torch.where(first[..., None], instance, moved)
         self.exists = self.exists | exists
-        return {"confident": (self.pseudo_labels(logits) >= 0).float().mean()}
+        return DIGAStep(confident=(self.pseudo_labels(logits) >= 0).float().mean())
 
     def reset(self) -> None:
         super().reset()

@@ -28,12 +28,14 @@ from torch import nn
 from monai_grata.data.checks import BadInputError, MissingInputError
 from monai_grata.networks.denoiser import tap_features
 
-from .base import TTAdapter, register_adapter
+from .base import GradientAdapter, register_adapter
 from .normalization import AdaptiveBatchNorm, BatchNormPolicy, adaptive_batch_norms, convert_to_adaptive_batch_norm
+from .steps import AdaptationStep
 
 __all__ = [
     "DLTTA",
     "DLTTALayers",
+    "DLTTAStep",
     "FeatureAdaptor",
     "FeatureAutoencoder",
     "FeatureAutoencoders",
@@ -617,8 +619,25 @@ def train_autoencoders(
 # --- the adapter ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class DLTTAStep(AdaptationStep):
+    """A DLTTA step (``updated``: its learning rate was above 0, i.e. after the first image).
+
+    Args:
+        loss_reconstruction: the autoencoders' reconstruction loss (before ``loss_weight``).
+        loss_orthogonality: the adaptor's orthogonality term (before ``loss_weight``).
+        lr: the step's learning rate.
+        discrepancy: D (0 in the warm-up).
+    """
+
+    loss_reconstruction: torch.Tensor
+    loss_orthogonality: torch.Tensor
+    lr: torch.Tensor
+    discrepancy: torch.Tensor
+
+
 @register_adapter("dltta")
-class DLTTA(TTAdapter):
+class DLTTA(GradientAdapter):
     """DLTTA as the authors' segmentation code runs it. Per test batch x (models/basemodel.py ``opt_ANet``, lines
     239-332):
 
@@ -676,8 +695,8 @@ class DLTTA(TTAdapter):
     - The autoencoders must be fitted to the source network first (:func:`train_autoencoders`; without them, from
       ``dltta_<name>.pt`` beside the source checkpoint, untrained ones are used with a warning).
 
-    After each call ``last_stats`` holds ``loss_reconstruction``, ``loss_orthogonality`` (both before
-    ``loss_weight``), ``lr`` and ``discrepancy`` (0 in the warm-up).
+    After each call ``last_step`` (a :class:`DLTTAStep`) holds ``loss_reconstruction``, ``loss_orthogonality`` (both
+    before ``loss_weight``), ``lr`` and ``discrepancy`` (0 in the warm-up).
 
     Args:
         model: the source network (frozen; its BatchNorm running statistics are kept by the adapter, hooks added).
@@ -725,33 +744,34 @@ class DLTTA(TTAdapter):
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
         if not lr >= 0 or not loss_weight > 0:
             raise ValueError(f"need lr >= 0 and loss_weight > 0, got lr={lr}, loss_weight={loss_weight}")
+        super().__init__(model, episodic=episodic)
         self.lr, self.loss_weight, self.k = float(lr), float(loss_weight), int(k)
         self.temperature, self.attention_temperature = float(temperature), float(attention_temperature)
         self.ensemble, self.image_adaptor, self.multilabel, self.seed = ensemble, bool(image_adaptor), multilabel, seed
         self.adaptor_layers, self.key_layer = adaptor_layers, key_layer
-        # a plain attribute until nn.Module.__init__ has run (configure_model registers the autoencoders)
-        object.__setattr__(self, "_pending_autoencoders", autoencoders)
-        super().__init__(model, episodic=episodic)
+        #: the ``autoencoders`` argument until :meth:`setup` resolves it
+        self.autoencoders: str | FeatureAutoencoders | None = autoencoders
         self.memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=int(memory_size))
-        self._source_adaptor = copy.deepcopy(self.adaptor.state_dict())
         self._generator: torch.Generator | None = None
 
     def configure_model(self, model: nn.Module) -> nn.Module:
         """Make every BatchNorm an :class:`~monai_grata.tta.AdaptiveBatchNorm` on the batch's statistics (outside
-        DLTTA's own forwards, see :meth:`source_statistics`), find the layers, attach the adaptor and set the
-        autoencoders up.
+        DLTTA's own forwards, see :meth:`source_statistics`)."""
+        return convert_to_adaptive_batch_norm(model.eval(), BatchNormPolicy())
+
+    def setup(self) -> None:
+        """Find the layers, attach the adaptor and set the autoencoders up.
 
         Raises:
             ValueError: a BatchNorm with running statistics but no momentum (a cumulative average), which the
                 frozen forwards cannot move as the authors' train-mode network does.
         """
-        convert_to_adaptive_batch_norm(model.eval(), BatchNormPolicy())
+        model = self.model
         self.layers = find_dltta_layers(model, self.adaptor_layers, self.key_layer)
         device = next(model.parameters()).device
         self.adaptor = FeatureAdaptor(self.layers, self.image_adaptor).to(device)
         specs = _level_specs(self.layers, self.image_adaptor)
-        pending = self.__dict__.pop("_pending_autoencoders")
-        self.autoencoders = _resolve_autoencoders(pending, model, specs, self.seed).to(device).eval()
+        self.autoencoders = _resolve_autoencoders(self.autoencoders, model, specs, self.seed).to(device).eval()
         self.autoencoders.requires_grad_(False)
         #: (layer, running mean, running variance) of every BatchNorm that keeps running statistics
         self.running_statistics: list[tuple[AdaptiveBatchNorm, torch.Tensor, torch.Tensor]] = [
@@ -761,7 +781,7 @@ class DLTTA(TTAdapter):
         if cumulative:
             raise ValueError(f"DLTTA moves running statistics by each BatchNorm's momentum; {cumulative[0]} has none")
         self.adaptor.attach(model)
-        return model
+        self._source_adaptor = copy.deepcopy(self.adaptor.state_dict())
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
         return list(self.adaptor.parameters())
@@ -835,7 +855,7 @@ class DLTTA(TTAdapter):
         orthogonality = sum((srip(conv.weight, self._random()) for conv in self.adaptor.convs), torch.zeros(()))
         return reconstruction, orthogonality.to(reconstruction)
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> DLTTAStep:
         keys, values = self._frozen_forward(x)
         found = [self.discrepancy(key, v) for key, v in zip(keys, values, strict=True)]
         if all(d is not None for d, _ in found):
@@ -855,12 +875,13 @@ class DLTTA(TTAdapter):
         for key, v in zip(keys, values, strict=True):
             if bool(torch.isfinite(v).all()) and bool(torch.isfinite(key).all()):
                 self.memory.append((key, v))
-        return {
-            "loss_reconstruction": reconstruction.detach(),
-            "loss_orthogonality": orthogonality.detach(),
-            "lr": torch.tensor(lr),
-            "discrepancy": discrepancy.detach().cpu(),
-        }
+        return DLTTAStep(
+            updated=lr > 0,
+            loss_reconstruction=reconstruction.detach(),
+            loss_orthogonality=orthogonality.detach(),
+            lr=torch.tensor(lr),
+            discrepancy=discrepancy.detach().cpu(),
+        )
 
     def reset(self) -> None:
         super().reset()

@@ -8,15 +8,17 @@ References to the authors' code are to github.com/koncle/DomainAdaptor: ``models
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from .base import TTAdapter, register_adapter
+from .base import GradientAdapter, register_adapter
 from .normalization import batch_norm_layers, replace_batch_norms
+from .steps import AdaptationStep
 
-__all__ = ["AdaMixBatchNorm", "DomainAdaptor", "ada_mix_batch_norm", "generalized_entropy_loss"]
+__all__ = ["AdaMixBatchNorm", "DomainAdaptor", "DomainAdaptorStep", "ada_mix_batch_norm", "generalized_entropy_loss"]
 
 
 def generalized_entropy_loss(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor:
@@ -178,8 +180,21 @@ def ada_mix_batch_norm(model: nn.Module, mix_lambda: float | None = None) -> lis
     return replace_batch_norms(model, lambda layer: AdaMixBatchNorm(layer, mix_lambda))
 
 
+@dataclasses.dataclass(kw_only=True)
+class DomainAdaptorStep(AdaptationStep):
+    """A DomainAdaptor step.
+
+    Args:
+        loss_aux: the GEM-T loss.
+        mix_lambda: lambda averaged over the layers the forward reached (None: it reached none).
+    """
+
+    loss_aux: torch.Tensor
+    mix_lambda: torch.Tensor | None = None
+
+
 @register_adapter("domainadaptor")
-class DomainAdaptor(TTAdapter):
+class DomainAdaptor(GradientAdapter):
     """DomainAdaptor baseline as the authors' ``test_time_adaption`` (models/DomainAdaptor.py) runs it with its
     default arguments (main.py: ``--AdaMixBN``, ``--Transform``, ``--loss-names gem-t``, ``--lr 0.001``, not
     ``--online``), per batch:
@@ -203,13 +218,13 @@ class DomainAdaptor(TTAdapter):
       BatchNorm only in the ResNet they convert. Other normalisation layers are neither mixed nor adapted, as in
       their optimizer (BatchNorm2d only).
     - Each layer's own ``eps`` (their AdaMixBN is built with the default 1e-5).
-    - If an update leaves a weight non-finite and is rolled back (:class:`~monai_grata.tta.TTAdapter`), the
+    - If an update leaves a weight non-finite and is rolled back (:class:`~monai_grata.tta.GradientAdapter`), the
       prediction rectifies the restored weights again, so it is AdaMixBN's prediction without the step.
     - There is no ``bn_prior``: the mixture is AdaMixBN's lambda, computed per batch (or ``mix_lambda``).
 
-    With ``episodic=False`` the weights carry over (their ``--online``, which also sets SGD momentum 0.9) and each
-    batch rectifies from the current ones. After each call ``last_stats`` holds ``loss_aux`` (GEM-T) and
-    ``mix_lambda`` (lambda averaged over the layers).
+    With ``episodic=False`` the weights carry over (their ``--online``, which also sets SGD momentum 0.9) and each batch
+    rectifies from the current ones. After each call ``last_step`` (a :class:`DomainAdaptorStep`) holds ``loss_aux``
+    (GEM-T) and ``mix_lambda`` (lambda averaged over the layers).
 
     Args:
         model: the source network with BatchNorm layers (adapted in place; they are replaced).
@@ -252,21 +267,18 @@ class DomainAdaptor(TTAdapter):
         super().reset()
         self.await_rectification()
 
-    def adapt_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        stats = super().adapt_batch(x)
-        if "rolled_back" in stats:
+    def adapt_batch(self, x: torch.Tensor) -> AdaptationStep:
+        step = super().adapt_batch(x)
+        if step.rolled_back:
             self.await_rectification()
-        return stats
+        return step
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> DomainAdaptorStep:
         self.await_rectification()
         loss = generalized_entropy_loss(self.model(x), self.multilabel)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = {"loss_aux": loss.detach()}
         lambdas = [layer.last_lambda for layer in self.mix_layers if layer.last_lambda is not None]
-        if lambdas:  # layers the forward reached
-            stats["mix_lambda"] = torch.stack(lambdas).mean()
-        return stats
+        return DomainAdaptorStep(loss_aux=loss.detach(), mix_lambda=torch.stack(lambdas).mean() if lambdas else None)

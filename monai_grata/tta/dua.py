@@ -3,6 +3,7 @@ of each test image with a decaying momentum; no backpropagation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -13,8 +14,9 @@ from monai_grata.transforms.views import IN_PLANE_3D, LAST_PLANE
 
 from .base import TTAdapter, register_adapter
 from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm, update_running_statistics
+from .steps import AdaptationStep
 
-__all__ = ["DUA", "dua_copies"]
+__all__ = ["DUA", "DUAStep", "dua_copies"]
 
 
 def _in_plane_axes(image: torch.Tensor, plane: tuple[int, int] | None) -> tuple[int, int]:
@@ -78,6 +80,19 @@ def dua_copies(
     return torch.stack(copies)
 
 
+@dataclasses.dataclass(kw_only=True)
+class DUAStep(AdaptationStep):
+    """A DUA step (``updated``: some image of the batch moved the running statistics).
+
+    Args:
+        momentum: that of the batch's last update (0 when no image of the batch updated the statistics).
+    """
+
+    changes = "the BatchNorm statistics"
+
+    momentum: torch.Tensor
+
+
 @register_adapter("dua")
 class DUA(TTAdapter):
     """DUA baseline, backward-free: for each test image (one at a time), every BatchNorm runs in train mode on
@@ -95,8 +110,8 @@ class DUA(TTAdapter):
     image and keeps the best step by test labels (an oracle); this one adapts continually and predicts each image
     once, as every other method here.
 
-    After each call ``last_stats`` holds ``momentum``, that of the batch's last update (0 when no image of the batch
-    updated the statistics).
+    After each call ``last_step`` (a :class:`DUAStep`) holds ``momentum``, that of the batch's last update (0 when no
+    image of the batch updated the statistics).
 
     Args:
         model: the source network (its running statistics adapted in place).
@@ -158,7 +173,7 @@ class DUA(TTAdapter):
         return self._generator
 
     @torch.no_grad()
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> DUAStep:
         momentum = 0.0
         for image in x:
             if self.max_updates is not None and self.steps >= self.max_updates:
@@ -172,7 +187,7 @@ class DUA(TTAdapter):
                 copies = copies.contiguous(memory_format=torch.channels_last)
             with update_running_statistics(self.model, min(momentum, 1.0)):
                 self.model(copies)
-        return {"momentum": torch.tensor(momentum)}
+        return DUAStep(updated=momentum > 0, momentum=torch.tensor(momentum))
 
     def reset(self) -> None:
         super().reset()

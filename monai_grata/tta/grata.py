@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,12 +13,13 @@ from torch.profiler import record_function
 
 from monai_grata.transforms import WEAK_VIEWS, WEAK_VIEWS_3D, StrongIntensityAug, WeakViews
 
-from .base import TTAdapter, register_adapter
+from .base import GradientAdapter, register_adapter
 from .losses import consistency_loss, entropy_loss, probabilities
 from .normalization import BatchNormPolicy, per_group_batch_norm
 from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
+from .steps import AdaptationStep
 
-__all__ = ["ACTIVATIONS", "NO_GRAD_DTYPES", "GraTa"]
+__all__ = ["ACTIVATIONS", "NO_GRAD_DTYPES", "GraTa", "GraTaStep"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quadratic": lambda c: (c + 1) ** 2 / 4,
@@ -35,8 +37,32 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+@dataclasses.dataclass(kw_only=True)
+class GraTaStep(AdaptationStep):
+    """A GraTa step (of its last update, with ``steps`` > 1). A batch the shift gate held, or that the settle
+    schedule left out, has no update: ``updated`` False, ``lr`` 0 and no gradient statistics.
+
+    Args:
+        cos: cos(g_aux, g_pseudo).
+        lr: the learning rate of the update (0 when none was taken).
+        loss_aux: the auxiliary loss at θ.
+        loss_pseudo: the pseudo loss (at θ' when aligned).
+        stream_shift: with ``min_shift``, the stream's mean BatchNorm shift the gate compared.
+        gate_open: with ``min_shift``, 1 when the gate let the update through, else 0.
+        settled: with ``settle``, 1 when the settled stream left the update out, else 0.
+    """
+
+    cos: torch.Tensor | None = None
+    lr: torch.Tensor
+    loss_aux: torch.Tensor | None = None
+    loss_pseudo: torch.Tensor | None = None
+    stream_shift: torch.Tensor | None = None
+    gate_open: torch.Tensor | None = None
+    settled: torch.Tensor | None = None
+
+
 @register_adapter("grata")
-class GraTa(TTAdapter):
+class GraTa(GradientAdapter):
     """GraTa test-time adaptation: ``adapter(x)`` runs one step of Algorithm 1 on ``x`` and returns the
     logits of ``x`` from the updated model.
 
@@ -48,7 +74,8 @@ class GraTa(TTAdapter):
     (identity, flips, rotations), mapped back and computed without gradient in one batched forward in
     which each view keeps its own BatchNorm statistics.
 
-    After each call, ``last_stats`` holds 0-dim tensors ``cos``, ``lr``, ``loss_aux``, ``loss_pseudo``.
+    After each call, ``last_step`` (a :class:`GraTaStep`) holds 0-dim tensors ``cos``, ``lr``, ``loss_aux``,
+    ``loss_pseudo``.
 
     Args:
         model: the source network (adapted in place).
@@ -254,8 +281,7 @@ class GraTa(TTAdapter):
             logits = self.model(x)
         return record.shift(), logits
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        stats: dict[str, torch.Tensor] = {}
+    def adapt(self, x: torch.Tensor) -> GraTaStep:
         gated, settling = self.min_shift is not None, self.settle_schedule is not None
         logits = batch_shift = shift = None
         if gated or settling:
@@ -267,25 +293,27 @@ class GraTa(TTAdapter):
         if gate_open and not settled:
             self._batch_teacher = None
             try:
+                steps = []
                 for _ in range(self.steps):
-                    stats = self.adapt_step(x, aux_logits=logits)
+                    steps.append(self.adapt_step(x, aux_logits=logits))
                     logits = None  # later steps start from the updated weights
             finally:
                 self._batch_teacher = None
+            step = dataclasses.replace(steps[-1], updated=any(s.updated for s in steps))
             self.n_updated += 1
             if settling:
                 self.settle_schedule.record_update()
         else:
-            stats = {"lr": torch.tensor(0.0)}
+            step = GraTaStep(updated=False, lr=torch.tensor(0.0))
         if gated:
-            stats["stream_shift"] = torch.tensor(shift)
-            stats["gate_open"] = torch.tensor(float(gate_open))
+            step.stream_shift, step.gate_open = torch.tensor(shift), torch.tensor(float(gate_open))
         if settling:
-            stats["settled"] = torch.tensor(float(settled))
-        return stats
+            step.settled = torch.tensor(float(settled))
+        return step
 
-    def adapt_step(self, x: torch.Tensor, aux_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One update of Algorithm 1 on ``x``; returns its statistics as 0-dim tensors.
+    def adapt_step(self, x: torch.Tensor, aux_logits: torch.Tensor | None = None) -> GraTaStep:
+        """One update of Algorithm 1 on ``x``; returns its statistics as 0-dim tensors (``updated``: the step
+        size was above 0).
 
         Args:
             x: the batch.
@@ -314,17 +342,20 @@ class GraTa(TTAdapter):
             flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
             cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
             lr = self.beta * ACTIVATIONS[self.activation](cos) if self.dynamic_lr else torch.full_like(cos, self.beta)
+            updated = False
             if self.min_cos is not None and not float(cos) > self.min_cos:
                 lr = torch.zeros_like(lr)
             else:
                 for p, g in zip(self.params, grad_pseudo, strict=True):
                     p.grad = g
-                self.optimizer.param_groups[0]["lr"] = float(lr)
+                self.optimizer.param_groups[0]["lr"] = step_size = float(lr)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "cos": cos.detach(),
-            "lr": lr.detach(),
-            "loss_aux": loss_aux.detach(),
-            "loss_pseudo": loss_pseudo.detach(),
-        }
+                updated = step_size > 0
+        return GraTaStep(
+            updated=updated,
+            cos=cos.detach(),
+            lr=lr.detach(),
+            loss_aux=loss_aux.detach(),
+            loss_pseudo=loss_pseudo.detach(),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -13,8 +14,25 @@ from monai_grata.transforms import WEAK_VIEWS_3D, WeakViews
 from .base import TTAdapter, register_adapter
 from .losses import entropy_loss, probabilities
 from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm, per_group_batch_norm
+from .steps import AdaptationStep
 
-__all__ = ["BatchNormStatistics", "SelectedBatchNormStatistics"]
+__all__ = ["BatchNormStatistics", "NormStep", "SelectedBatchNormStatistics"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class NormStep(AdaptationStep):
+    """A step of the BatchNorm statistics baselines, which keep nothing from one batch to the next.
+
+    Args:
+        prior: the prior strength chosen for the batch (:class:`SelectedBatchNormStatistics`).
+        loss_aux: the chosen prior's criterion value (:class:`SelectedBatchNormStatistics`).
+    """
+
+    changes = None
+
+    updated: bool = False
+    prior: torch.Tensor | None = None
+    loss_aux: torch.Tensor | None = None
 
 
 @register_adapter("norm")
@@ -32,8 +50,8 @@ class BatchNormStatistics(TTAdapter):
             (source prior of strength N), ``math.inf`` (source statistics).
     """
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
+    def adapt(self, x: torch.Tensor) -> NormStep:
+        return NormStep()
 
 
 @register_adapter("norm_select")
@@ -51,7 +69,8 @@ class SelectedBatchNormStatistics(TTAdapter):
     own statistics, mapped back; for volumes :data:`~monai_grata.transforms.WEAK_VIEWS_3D`) agree best is chosen
     instead: the mean over pixels of the variance of the views' probabilities; one forward per view and candidate.
 
-    After each call ``last_stats`` holds ``prior`` (the chosen N) and ``loss_aux`` (its criterion value).
+    After each call ``last_step`` (a :class:`NormStep`) holds ``prior`` (the chosen N) and ``loss_aux`` (its criterion
+    value).
 
     Args:
         model: the source network (configured in place).
@@ -88,11 +107,11 @@ class SelectedBatchNormStatistics(TTAdapter):
         return views.inverse(probabilities(logits, self.multilabel)).var(dim=0, correction=0).mean()
 
     @torch.no_grad()
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> NormStep:
         scores = []
         for prior in self.priors:
             convert_to_adaptive_batch_norm(self.model, BatchNormPolicy(prior=prior))
             scores.append(self.score(x))
         best = int(torch.stack(scores).argmin())
         convert_to_adaptive_batch_norm(self.model, BatchNormPolicy(prior=self.priors[best]))
-        return {"prior": torch.tensor(self.priors[best]), "loss_aux": scores[best].detach()}
+        return NormStep(prior=torch.tensor(self.priors[best]), loss_aux=scores[best].detach())

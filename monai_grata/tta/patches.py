@@ -13,6 +13,7 @@ from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from .base import TTAdapter
 from .normalization import frozen_statistics, normalisation_statistics
+from .steps import AdaptationStep
 
 __all__ = ["PatchAdaptation", "patch_positions", "sample_patches"]
 
@@ -90,13 +91,14 @@ class PatchAdaptation:
         self.statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.positions: list[tuple[slice, ...]] = []
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Adapt on the patches of ``x`` and record their BatchNorm statistics; return the step's statistics."""
+    def adapt(self, x: torch.Tensor) -> AdaptationStep:
+        """Adapt on the patches of ``x`` (their positions in :attr:`positions`) and record their BatchNorm statistics;
+        return the adapter's step."""
         self.positions = patch_positions(x.shape[2:], self.roi_size, self.num_patches, self.overlap)
         patches = sample_patches(x, self.positions)
-        stats = self.adapter.adapt_batch(patches)
+        step = self.adapter.adapt_batch(patches)
         self.statistics = normalisation_statistics(self.adapter.model, patches)
-        return {**stats, "n_patches": torch.tensor(float(len(self.positions)))}
+        return step
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[torch.nn.Module]:
@@ -107,11 +109,11 @@ class PatchAdaptation:
             yield model
 
     def __call__(
-        self, x: torch.Tensor, inferer: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
+        self, x: torch.Tensor, inferer: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
     ) -> torch.Tensor:
-        """Adapt on ``x``'s patches, then return ``inferer(x, model)`` under their statistics (for a user's own loop;
-        inside a MONAI evaluator :class:`~monai_grata.handlers.TTAHandler` does the same around the evaluator's
-        forward)."""
+        """Adapt on ``x``'s patches, then return ``inferer(x, adapter.predict)`` under their statistics: every window
+        is predicted by the adapter's :meth:`~monai_grata.tta.TTAdapter.predict` (for a user's own loop; inside a
+        MONAI evaluator :class:`~monai_grata.handlers.TTAHandler` does the same around the evaluator's forward)."""
         self.adapt(x)
-        with torch.no_grad(), self.frozen() as model:
-            return inferer(x, model)
+        with torch.no_grad(), self.frozen():
+            return inferer(x, self.adapter.predict)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TTAdapter, register_adapter
+from .base import GradientAdapter, register_adapter
 from .normalization import BatchNormPolicy
+from .steps import AdaptationStep
 
-__all__ = ["SAR", "pixel_entropy"]
+__all__ = ["SAR", "SARStep", "pixel_entropy"]
 
 #: the authors' reset threshold 0.2 (``sar.py``, ``forward_and_adapt_sar``) as a fraction of the largest entropy of
 #: their 1000-class softmax, ln 1000
@@ -33,8 +35,25 @@ def pixel_entropy(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
+@dataclasses.dataclass(kw_only=True)
+class SARStep(AdaptationStep):
+    """A SAR step.
+
+    Args:
+        kept: the fraction of entropies kept as reliable.
+        loss_aux: the mean kept entropy (step 1); None when no pixel was kept.
+        loss_pseudo: the mean kept entropy at the perturbed weights (step 3); None when no pixel was kept.
+        reset: 1 when the model was reset to the source after the step, else 0.
+    """
+
+    kept: torch.Tensor
+    loss_aux: torch.Tensor | None = None
+    loss_pseudo: torch.Tensor | None = None
+    reset: torch.Tensor
+
+
 @register_adapter("sar")
-class SAR(TTAdapter):
+class SAR(GradientAdapter):
     """SAR baseline for segmentation: the reliable samples are pixels. Per batch, with K the number of outcomes of
     each entropy (2 per sigmoid channel, C classes for softmax) so that every entropy lies in [0, ln K]:
 
@@ -68,9 +87,9 @@ class SAR(TTAdapter):
     the BatchNorm affine parameters by about 1e-9 on average (1e-7 at 1e-3; TENT's Adam at 1e-4: 2e-4) and SAR
     would score what BatchNorm statistics alone score. Every normalisation layer adapts.
 
-    After each call ``last_stats`` holds ``loss_aux`` (step 1's loss), ``loss_pseudo`` (step 3's), ``kept`` (the
-    fraction of entropies kept) and ``reset`` (1 when the model was reset after the step); a batch without a kept
-    pixel reports only ``kept`` and ``reset``.
+    After each call ``last_step`` (a :class:`SARStep`) holds ``loss_aux`` (step 1's loss), ``loss_pseudo`` (step 3's),
+    ``kept`` (the fraction of entropies kept) and ``reset`` (1 when the model was reset after the step); a batch without
+    a kept pixel reports only ``kept`` and ``reset``.
 
     Args:
         model: the source network (adapted in place).
@@ -138,17 +157,17 @@ class SAR(TTAdapter):
                 p.copy_(s)
         return loss, kept2, grads2
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> SARStep:
         logits = self.loss_forward(x)
         log_k = self.log_classes(logits)
         entropy = pixel_entropy(logits, self.multilabel)
         kept = entropy.detach() < self.margin * log_k
-        stats = {"kept": kept.float().mean()}
+        losses = {}
         if bool(kept.any()):
             loss = entropy[kept].mean()
             grads = torch.autograd.grad(loss, self.params)
             loss2, kept2, grads2 = self.perturbed_loss(x, grads, kept, self.margin * log_k)
-            stats.update(loss_aux=loss.detach(), loss_pseudo=loss2.detach())
+            losses = {"loss_aux": loss.detach(), "loss_pseudo": loss2.detach()}
             if bool(kept2.any()) and math.isfinite(value := float(loss2.detach())):
                 self.ema = value if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * value
         else:  # the authors' mean over no pixel: zero gradients, no perturbation
@@ -162,7 +181,7 @@ class SAR(TTAdapter):
             ema = self.ema
             self.reset()
             self.ema = ema
-        return {**stats, "reset": torch.tensor(float(reset))}
+        return SARStep(kept=kept.float().mean(), **losses, reset=torch.tensor(float(reset)))
 
     def reset(self) -> None:
         super().reset()

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from .base import TTAdapter, register_adapter
+from .base import GradientAdapter, register_adapter
 from .losses import entropy_loss
 from .normalization import BatchNormPolicy
+from .steps import AdaptationStep
 
-__all__ = ["Tent"]
+__all__ = ["Tent", "TentStep"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class TentStep(AdaptationStep):
+    """A TENT (or MedBN) step.
+
+    Args:
+        loss_aux: the entropy the step minimised.
+    """
+
+    loss_aux: torch.Tensor
 
 
 @register_adapter("tent")
-class Tent(TTAdapter):
+class Tent(GradientAdapter):
     """TENT baseline: one Adam step on the entropy of the batch's prediction, BN on batch statistics.
 
     As in the authors' code (DequanWang/tent, ``tent.py``: ``forward_and_adapt`` returns the outputs of the forward
@@ -47,10 +61,10 @@ class Tent(TTAdapter):
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
 
-    def adapt(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adapt(self, x: torch.Tensor) -> TentStep:
         loss = entropy_loss(self.loss_forward(x), self.multilabel)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss_aux": loss.detach()}
+        return TentStep(loss_aux=loss.detach())
