@@ -56,7 +56,7 @@ def run_pair(args: argparse.Namespace, source: str, target: str, ckpt: str) -> l
     """Stream the first ``--max_images`` of the target through GraTa, measuring before every step."""
     torch.manual_seed(args.seed)
     images = load_target(target_items(args.dataset_dir, target)[: args.max_images], args.image_size)
-    adapter = GraTa(load_weights(resunet(decoder=checkpoint_decoder(ckpt)), ckpt), seed=args.seed)
+    adapter = GraTa(load_weights(resunet(decoder=checkpoint_decoder(ckpt)), ckpt), seed=args.seed, multilabel=True)
     steps = []
     for item in images:
         x = item["image"][None]

@@ -151,7 +151,8 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert summary[0] == f"Done: source model 'refuge_train', adapted with {method}, 8 images in 1 domain."
     no_adapt, adapted = (float(v) for v in summary[2].split()[1:])
     assert summary[2].startswith("  all") and (no_adapt, adapted) == (
-        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4), pytest.approx(metrics["dice_mean"], abs=5e-4)
+        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4),
+        pytest.approx(metrics["dice_mean"], abs=5e-4),
     )
     assert summary[3] == "Adaptation updated the weights on 8 of 8 batches."  # GraTa's paper lr is never 0
     assert summary[4].startswith(f"Outputs in {out}: masks/") and "overlays/" in summary[4]

@@ -31,8 +31,8 @@ def test_norm_select_predicts_with_the_most_confident_candidate():
     x = torch.rand(1, 3, 16, 16) * 3 + 1
     with torch.no_grad():
         candidates = {math.inf: source.eval()(x), 0.0: copy.deepcopy(source).train()(x)}
-    entropy = {k: float(entropy_loss(v)) for k, v in candidates.items()}
-    adapter = build_adapter("norm_select", net, priors=[math.inf, 0.0])
+    entropy = {k: float(entropy_loss(v, multilabel=True)) for k, v in candidates.items()}
+    adapter = build_adapter("norm_select", net, priors=[math.inf, 0.0], task="fundus")
     before = copy.deepcopy(net.state_dict())
     out = adapter(x)
     chosen = min(entropy, key=entropy.get)
@@ -40,4 +40,4 @@ def test_norm_select_predicts_with_the_most_confident_candidate():
     torch.testing.assert_close(out, candidates[chosen], rtol=1e-5, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with pytest.raises(ValueError, match="priors"):
-        build_adapter("norm_select", tiny_net(), priors=[-1.0])
+        build_adapter("norm_select", tiny_net(), priors=[-1.0], task="fundus")
