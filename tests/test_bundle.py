@@ -99,16 +99,30 @@ def test_evaluate_on_sample(source_model, tmp_path):
     assert [r.info.status for r in mlflow_runs(out, "grata_evaluate")[0]] == ["FINISHED"]
 
 
+def assert_one_line_error(run: subprocess.CompletedProcess, *parts: str) -> str:
+    """The run failed with one line ``error: ...`` naming ``parts`` last on stderr, and no traceback."""
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert last.startswith("error: ") and all(part in last for part in parts), last
+    return last
+
+
 def test_evaluate_missing_checkpoint_is_named(tmp_path):
     run = run_config("evaluate.json", ckpt_path=tmp_path / "nothing.pt", output_dir=tmp_path / "eval")
-    assert run.returncode != 0
-    assert "checkpoint not found" in run.stderr and "nothing.pt" in run.stderr
+    assert_one_line_error(run, "checkpoint not found", "nothing.pt")
 
 
 def test_train_empty_dataset_is_reported(tmp_path):
     (tmp_path / "site" / "images").mkdir(parents=True)
     run = run_config("train.json", dataset_dir=tmp_path, source="site", output_dir=tmp_path / "out")
-    assert run.returncode != 0 and "empty dataset" in run.stderr
+    assert_one_line_error(run, "empty dataset")
+
+
+def test_train_uda_bad_input_is_one_line(tmp_path):
+    (tmp_path / "site" / "images").mkdir(parents=True)
+    overrides = {"dataset_dir": tmp_path, "source": "site", "target": "site", "output_dir": tmp_path / "out"}
+    run = run_config("train_uda.json", ckpt_path=tmp_path / "nothing.pt", **overrides)
+    assert_one_line_error(run, "empty dataset", "site")
 
 
 @pytest.mark.parametrize(
@@ -151,8 +165,7 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
     assert summary[0] == f"Done: source model 'refuge_train', adapted with {method}, 8 images in 1 domain."
     no_adapt, adapted = (float(v) for v in summary[2].split()[1:])
     assert summary[2].startswith("  all") and (no_adapt, adapted) == (
-        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4),
-        pytest.approx(metrics["dice_mean"], abs=5e-4),
+        pytest.approx(metrics["no_adapt_dice_mean"], abs=5e-4), pytest.approx(metrics["dice_mean"], abs=5e-4)
     )
     assert summary[3] == "Adaptation updated the weights on 8 of 8 batches."  # GraTa's paper lr is never 0
     assert summary[4].startswith(f"Outputs in {out}: masks/") and "overlays/" in summary[4]

@@ -1,7 +1,5 @@
-import io
 import os
 import re
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +14,6 @@ from monai_grata.data import (
     check_loader,
     domain_datalist,
     exit_on_bad_input,
-    report_bad_input_briefly,
 )
 
 
@@ -49,24 +46,6 @@ def test_exit_on_bad_input_ends_with_one_line_and_lets_other_errors_pass():
     assert info.value.code == "error: image a.png: unreadable" and info.value.__cause__ is None
     with pytest.raises(RuntimeError):
         step(KeyError("x"))
-
-
-def test_bad_input_is_reported_in_one_line_without_traceback(monkeypatch):
-    shown, out = [], io.StringIO()
-    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: shown.append(value))
-    hook = report_bad_input_briefly(stream=out)
-    assert sys.excepthook is hook
-    try:  # a bundle config wraps the error of an expression in its own
-        try:
-            raise BadInputError("image a.png: unreadable")
-        except BadInputError as err:
-            raise RuntimeError("Failed to evaluate") from err
-    except RuntimeError as err:
-        hook(RuntimeError, err, err.__traceback__)
-    assert out.getvalue() == "error: image a.png: unreadable\n" and not shown
-    other = KeyError("x")
-    hook(KeyError, other, None)  # anything else: Python's usual traceback
-    assert shown == [other] and out.getvalue().count("\n") == 1
 
 
 def _png(path, array) -> str:

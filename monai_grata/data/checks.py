@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -20,7 +19,6 @@ __all__ = [
     "check_inputs",
     "check_loader",
     "exit_on_bad_input",
-    "report_bad_input_briefly",
 ]
 
 BAD_INPUT_CHOICES = ("error", "skip")
@@ -178,8 +176,9 @@ def exit_on_bad_input() -> Iterator[None]:
     """Within the block (or the decorated function), a :class:`BadInputError`, also one that caused another
     exception (MONAI wraps errors raised in a bundle config), ends the program with the one line
     ``error: <message>`` and no traceback, by raising ``SystemExit``; every other exception passes unchanged.
-    For the steps of a bundle job that check what the user gave (:mod:`monai_grata.engines.inference`), never
-    for library functions, which raise :class:`BadInputError` for their caller to handle.
+    For the steps of a bundle job that check what the user gave (:mod:`monai_grata.engines.inference`,
+    :func:`monai_grata.engines.job_step`), never for library functions, which raise :class:`BadInputError` for their
+    caller to handle.
 
     Example::
 
@@ -193,28 +192,3 @@ def exit_on_bad_input() -> Iterator[None]:
         if bad is None:
             raise
         raise SystemExit(f"error: {bad}") from None
-
-
-def report_bad_input_briefly(stream=None) -> Callable:
-    """Install a ``sys.excepthook`` that prints a :class:`BadInputError` (also when it is the cause of another
-    exception, as in a bundle config expression) as one line, ``error: <message>``, without the traceback;
-    every other exception keeps Python's usual report. The training and evaluation configs call it first in
-    ``initialize``; the main job (``inference.json``) does not need it (:func:`exit_on_bad_input`).
-
-    Args:
-        stream: where to print (default ``sys.stderr`` at the time of the error).
-
-    Returns:
-        the hook installed.
-    """
-    previous = sys.excepthook
-
-    def hook(kind, value, traceback):
-        bad = _bad_input(value)
-        if bad is None:
-            previous(kind, value, traceback)
-        else:
-            print(f"error: {bad}", file=stream or sys.stderr)
-
-    sys.excepthook = hook
-    return hook
