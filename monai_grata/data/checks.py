@@ -10,7 +10,7 @@ import torch
 from monai.transforms import LoadImaged
 from torch.utils.data import DataLoader
 
-from monai_grata.transforms import DiscCupFromLabeld, EnsureImageChannelsd
+from monai_grata.transforms import EnsureImageChannelsd, NestedChannelsFromLabeld
 
 __all__ = [
     "BAD_INPUT_CHOICES",
@@ -134,7 +134,7 @@ def check_inputs(
         raise BadInputError(f"--on_bad_input must be one of {'|'.join(BAD_INPUT_CHOICES)}, got {on_bad_input!r}")
     load = LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)
     channels = EnsureImageChannelsd(keys="image", in_channels=in_channels, spatial_dims=spatial_dims)
-    labels = DiscCupFromLabeld(keys="label", allowed=tuple(label_values), allow_missing_keys=True)
+    labels = NestedChannelsFromLabeld(keys="label", allowed=tuple(label_values), allow_missing_keys=True)
     min_size = (min_size,) * spatial_dims if isinstance(min_size, int) else tuple(min_size)
     if len(min_size) != spatial_dims:
         raise ValueError(f"min_size needs one side per spatial axis ({spatial_dims}), got {min_size}")
