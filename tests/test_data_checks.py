@@ -98,6 +98,17 @@ def test_check_inputs_error_names_every_bad_file_in_one_line(folder):
         assert re.search(pattern, message), pattern
 
 
+@pytest.mark.parametrize(
+    "task,names",
+    [(None, "1 outer structure, 2 inner structure"), ("fundus", "1 optic disc rim, 2 optic cup"),
+     ("spinalcord", "1 white matter, 2 gray matter")],
+)  # fmt: skip
+def test_a_bad_label_is_explained_in_the_tasks_words(folder, task, names):
+    odd = [item for item in folder if item["image"].endswith("odd.png")]
+    with pytest.raises(BadInputError, match=f"expected 0 background, {names}"):
+        check_inputs(odd, task=task)
+
+
 def test_check_inputs_skip_keeps_the_good_and_lists_the_bad(folder, caplog):
     kept, skipped = check_inputs(folder, on_bad_input="skip")
     assert [os.path.basename(it["image"]) for it in kept] == ["good.png", "gray.png", "rgba.png", "flat.png"]
