@@ -245,16 +245,16 @@ def fixed_inputs_benchmark(args: argparse.Namespace) -> dict:
 
     builders: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
         PLAIN: lambda: plain_on(fresh()),
-        "TENT (entropy step + predict)": lambda: Tent(fresh()),
-        "GraTa (batched views)": lambda: GraTa(fresh()),
-        "GraTa (views one by one)": lambda: GraTa(fresh(), batch_views=False),
+        "TENT (entropy step + predict)": lambda: Tent(fresh(), multilabel=True),
+        "GraTa (batched views)": lambda: GraTa(fresh(), multilabel=True),
+        "GraTa (views one by one)": lambda: GraTa(fresh(), multilabel=True, batch_views=False),
         TRAIN: lambda: TrainingStep(fresh(), label),
     }
     method_rows = []
     for method in adapter_names() if args.methods == ["all"] else args.methods:
         spec = parse_method(method)  # a preset (default, grata_gated, ...) with its options, or name:key=value,...
         method_rows.append(f"{method} (adapt + predict)")
-        builders[method_rows[-1]] = lambda s=spec: build_adapter(s.name, fresh(), **s.options)
+        builders[method_rows[-1]] = lambda s=spec: build_adapter(s.name, fresh(), task="fundus", **s.options)
     header = run_header(args, device)
     print(
         f"device={device} ({header['device_name']}), threads={header['threads']}, torch={torch.__version__}, "
@@ -271,7 +271,7 @@ def fixed_inputs_benchmark(args: argparse.Namespace) -> dict:
         rows[name] = {"ms_per_image": 1000 * seconds[name], "x_plain": seconds[name] / seconds[PLAIN]}
         print(f"{name:34s} {rows[name]['ms_per_image']:10.1f} {rows[name]['x_plain']:8.2f}")
     if args.breakdown:
-        phase_breakdown(GraTa(fresh()), plain, images, "GraTa (batched views, one update)")
+        phase_breakdown(GraTa(fresh(), multilabel=True), plain, images, "GraTa (batched views, one update)")
         for name in method_rows:
             step = builders[name]()
             if isinstance(step, GraTa):
@@ -358,7 +358,7 @@ def stream_benchmark(args: argparse.Namespace) -> dict:
     print(f"{PLAIN:{width}s} {rows[PLAIN]['ms_per_image']:10.1f} {1.0:8.2f} {'-':>9s}")
     for method in methods:
         spec = parse_method(method)
-        adapter = build_adapter(spec.name, fresh(), **spec.options)
+        adapter = build_adapter(spec.name, fresh(), task="fundus", **spec.options)
         seconds = time_stream(adapter, images)
         updated = getattr(adapter, "n_updated", None)
         rows[method] = {

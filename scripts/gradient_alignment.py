@@ -38,12 +38,16 @@ def measure_step(adapter: GraTa, x: torch.Tensor, label: torch.Tensor) -> dict[s
         sup = F.binary_cross_entropy_with_logits(adapter.model(x), label[None])
         g_sup = torch.autograd.grad(sup, params)
         strong = adapter.strong_transform(x)
-        g_con = torch.autograd.grad(consistency_loss(adapter.model(strong), adapter.teacher(x)), params)
+        g_con = torch.autograd.grad(
+            consistency_loss(adapter.model(strong), adapter.teacher(x), adapter.multilabel), params
+        )
         g_aux = torch.autograd.grad(adapter.loss(adapter.aux, x), params)
         theta = [p.detach().clone() for p in params]
         with torch.no_grad():
             torch._foreach_sub_(params, g_aux)
-        g_con_prime = torch.autograd.grad(consistency_loss(adapter.model(strong), adapter.teacher(x)), params)
+        g_con_prime = torch.autograd.grad(
+            consistency_loss(adapter.model(strong), adapter.teacher(x), adapter.multilabel), params
+        )
         with torch.no_grad():
             for p, t in zip(params, theta, strict=True):
                 p.copy_(t)
@@ -56,7 +60,7 @@ def run_pair(args: argparse.Namespace, source: str, target: str, ckpt: str) -> l
     """Stream the first ``--max_images`` of the target through GraTa, measuring before every step."""
     torch.manual_seed(args.seed)
     images = load_target(target_items(args.dataset_dir, target)[: args.max_images], args.image_size)
-    adapter = GraTa(load_weights(resunet(decoder=checkpoint_decoder(ckpt)), ckpt), seed=args.seed)
+    adapter = GraTa(load_weights(resunet(decoder=checkpoint_decoder(ckpt)), ckpt), seed=args.seed, multilabel=True)
     steps = []
     for item in images:
         x = item["image"][None]

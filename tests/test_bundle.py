@@ -99,16 +99,30 @@ def test_evaluate_on_sample(source_model, tmp_path):
     assert [r.info.status for r in mlflow_runs(out, "grata_evaluate")[0]] == ["FINISHED"]
 
 
+def assert_one_line_error(run: subprocess.CompletedProcess, *parts: str) -> str:
+    """The run failed with one line ``error: ...`` naming ``parts`` last on stderr, and no traceback."""
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert last.startswith("error: ") and all(part in last for part in parts), last
+    return last
+
+
 def test_evaluate_missing_checkpoint_is_named(tmp_path):
     run = run_config("evaluate.json", ckpt_path=tmp_path / "nothing.pt", output_dir=tmp_path / "eval")
-    assert run.returncode != 0
-    assert "checkpoint not found" in run.stderr and "nothing.pt" in run.stderr
+    assert_one_line_error(run, "checkpoint not found", "nothing.pt")
 
 
 def test_train_empty_dataset_is_reported(tmp_path):
     (tmp_path / "site" / "images").mkdir(parents=True)
     run = run_config("train.json", dataset_dir=tmp_path, source="site", output_dir=tmp_path / "out")
-    assert run.returncode != 0 and "empty dataset" in run.stderr
+    assert_one_line_error(run, "empty dataset")
+
+
+def test_train_uda_bad_input_is_one_line(tmp_path):
+    (tmp_path / "site" / "images").mkdir(parents=True)
+    overrides = {"dataset_dir": tmp_path, "source": "site", "target": "site", "output_dir": tmp_path / "out"}
+    run = run_config("train_uda.json", ckpt_path=tmp_path / "nothing.pt", **overrides)
+    assert_one_line_error(run, "empty dataset", "site")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from .conftest import REPO_ROOT
-from .test_bundle import assert_ok, bundle, mlflow_runs
+from .test_bundle import assert_ok, assert_one_line_error, bundle, mlflow_runs
 from .test_bundle import run_config as run_bundle_config
 
 pytestmark = pytest.mark.slow  # each test runs `python -m monai.bundle` in a subprocess
@@ -54,6 +54,13 @@ def test_main_job_adapts_the_sample_and_writes_nifti_on_each_input_grid(tmp_path
     assert runs[0].data.params["method"] == "grata" and runs[0].data.params["num_patches"] == "4"
     assert runs[0].data.params["adapter"] == "grata" and runs[0].data.params["multilabel"] == "False"  # as it ran
     assert "dice_mean" in runs[0].data.metrics and client.get_metric_history(runs[0].info.run_id, "cos")
+
+
+def test_train_and_evaluate_report_a_bad_input_in_one_line(tmp_path):
+    run = run_config("train.json", dataset_dir=tmp_path, output_dir=tmp_path / "train")
+    assert_one_line_error(run, "image folder not found", str(tmp_path))
+    run = run_config("evaluate.json", ckpt_path=tmp_path / "nothing.pt", output_dir=tmp_path / "eval")
+    assert_one_line_error(run, "checkpoint not found", "nothing.pt")
 
 
 def test_train_then_evaluate_on_the_sample(tmp_path):

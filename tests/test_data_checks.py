@@ -1,7 +1,5 @@
-import io
 import os
 import re
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +14,6 @@ from monai_grata.data import (
     check_loader,
     domain_datalist,
     exit_on_bad_input,
-    report_bad_input_briefly,
 )
 
 
@@ -49,24 +46,6 @@ def test_exit_on_bad_input_ends_with_one_line_and_lets_other_errors_pass():
     assert info.value.code == "error: image a.png: unreadable" and info.value.__cause__ is None
     with pytest.raises(RuntimeError):
         step(KeyError("x"))
-
-
-def test_bad_input_is_reported_in_one_line_without_traceback(monkeypatch):
-    shown, out = [], io.StringIO()
-    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: shown.append(value))
-    hook = report_bad_input_briefly(stream=out)
-    assert sys.excepthook is hook
-    try:  # a bundle config wraps the error of an expression in its own
-        try:
-            raise BadInputError("image a.png: unreadable")
-        except BadInputError as err:
-            raise RuntimeError("Failed to evaluate") from err
-    except RuntimeError as err:
-        hook(RuntimeError, err, err.__traceback__)
-    assert out.getvalue() == "error: image a.png: unreadable\n" and not shown
-    other = KeyError("x")
-    hook(KeyError, other, None)  # anything else: Python's usual traceback
-    assert shown == [other] and out.getvalue().count("\n") == 1
 
 
 def _png(path, array) -> str:
@@ -117,6 +96,17 @@ def test_check_inputs_error_names_every_bad_file_in_one_line(folder):
     assert "\n" not in message and message.startswith("7 bad inputs: ") and "--on_bad_input skip" in message
     for pattern in BAD.values():
         assert re.search(pattern, message), pattern
+
+
+@pytest.mark.parametrize(
+    "task,names",
+    [(None, "1 outer structure, 2 inner structure"), ("fundus", "1 optic disc rim, 2 optic cup"),
+     ("spinalcord", "1 white matter, 2 gray matter")],
+)  # fmt: skip
+def test_a_bad_label_is_explained_in_the_tasks_words(folder, task, names):
+    odd = [item for item in folder if item["image"].endswith("odd.png")]
+    with pytest.raises(BadInputError, match=f"expected 0 background, {names}"):
+        check_inputs(odd, task=task)
 
 
 def test_check_inputs_skip_keeps_the_good_and_lists_the_bad(folder, caplog):

@@ -65,6 +65,15 @@ def test_preprocessing_takes_only_the_arguments_it_knows():
     assert SPINALCORD.make_preprocessing(image_size=64) is not None
 
 
+def test_the_label_codecs_round_trip_and_the_spinal_cord_decodes_without_a_fundus_transform():
+    label = torch.tensor([[[0, 1, 2], [2, 1, 0]]])
+    for task in (FUNDUS, SPINALCORD):
+        assert torch.equal(task.channels_to_label(task.label_to_channels(label)), label.to(torch.uint8))
+    assert "DiscCup" not in type(SPINALCORD.channels_to_label).__name__
+    with pytest.raises(ValueError, match=r"expected 2 channels \[cord, gray matter\]"):
+        SPINALCORD.channels_to_label(torch.zeros(3, 2, 2))
+
+
 def test_a_bad_label_value_is_named_with_the_task_structures():
     with pytest.raises(ValueError, match="1 white matter, 2 gray matter"):
         SPINALCORD.label_to_channels(torch.tensor([[[0, 3]]]))

@@ -42,7 +42,7 @@ def train_two_iterations(local_rank: int, out_dir: str) -> None:
     network = nn.parallel.DistributedDataParallel(
         nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
     )
-    alignment = build_alignment_loss("adversarial", out_channels=2)
+    alignment = build_alignment_loss("adversarial", out_channels=2, multilabel=True)
     trainer = UDATrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=batches(rank, 2, True), network=network,
         optimizer=torch.optim.Adam(network.parameters(), 1e-2), loss_function=DiceFocalLoss(sigmoid=True),

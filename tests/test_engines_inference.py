@@ -83,10 +83,11 @@ def test_prepare_output_dir_saves_the_config_or_exits_with_one_line(tmp_path):
 
 def test_job_adapter_builds_the_resolved_method_or_none():
     assert job_adapter(("none", {}), small_unet()) is None
-    adapter = job_adapter(resolve_method("tent", {}, {"lr": 1e-3}), small_unet())
-    assert isinstance(adapter, Tent)
+    adapter = job_adapter(resolve_method("tent", {}, {"lr": 1e-3}, task="fundus"), small_unet())
+    assert isinstance(adapter, Tent) and adapter.multilabel
+    assert not job_adapter(resolve_method("tent", {}, task="spinalcord"), small_unet()).multilabel
     with pytest.raises(SystemExit, match="^error: --beta does not apply to the method 'tent'"):
-        job_adapter(resolve_method("tent", {}, {"beta": 1e-4}), small_unet())
+        job_adapter(resolve_method("tent", {}, {"beta": 1e-4}, task="fundus"), small_unet())
 
 
 def test_run_params_are_what_ran():

@@ -33,9 +33,9 @@ def test_the_report_writes_the_task_channel_names(tmp_path):
     )
 
 
-def test_explicit_channel_names_win_and_no_names_is_the_legacy_task_with_a_warning(tmp_path):
+def test_explicit_channel_names_win_and_no_names_is_an_error(tmp_path):
     assert MetricsReport(str(tmp_path), channel_names=["a", "b", "c"], task="fundus").channel_names == ("a", "b", "c")
-    with pytest.warns(FutureWarning, match="channel_names or task"):
-        assert MetricsReport(str(tmp_path)).channel_names == ("od", "oc")
+    with pytest.raises(ValueError, match="pass task=.*or channel_names="):  # no task is assumed
+        MetricsReport(str(tmp_path))
     with pytest.raises(KeyError, match="unknown task"):
         MetricsReport(str(tmp_path), task="retina")

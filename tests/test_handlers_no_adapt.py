@@ -24,7 +24,7 @@ def test_reference_pass_scores_the_source_model_before_the_run(tmp_path):
     loader = DataLoader(Dataset(data), batch_size=1)
     post = [Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5)]
     dice = {"dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))}
-    reference = NoAdaptReference(small_unet(), post, dice, str(tmp_path), progress=None)
+    reference = NoAdaptReference(small_unet(), post, dice, str(tmp_path), progress=None, task="fundus")
     started = []
     evaluator = SupervisedEvaluator(torch.device("cpu"), loader, small_unet(), val_handlers=[reference])
     evaluator.add_event_handler(Events.STARTED, lambda engine: started.append(dict(reference.report.summary)))

@@ -9,7 +9,7 @@ from monai.handlers import StatsHandler
 from monai.inferers import SlidingWindowInferer
 
 from monai_grata.handlers import GraTaHandler, TTAHandler, tta_output_transform
-from monai_grata.tta import GraTa, GraTaStep, PatchAdaptation
+from monai_grata.tta import GraTa, GraTaStep, PatchAdaptation, build_adapter
 
 from .test_tta_grata import tiny_net, tiny_net_3d
 
@@ -27,11 +27,11 @@ def evaluator(network, handlers, device="cpu"):
 def test_evaluator_forward_sees_adapted_weights(device):
     # the evaluator moves each batch to the device; the handler adapts on that copy
     source = tiny_net().to(device)
-    reference = GraTa(copy.deepcopy(source), beta=1e-2, seed=2)
+    reference = GraTa(copy.deepcopy(source), beta=1e-2, seed=2, multilabel=True)
     expected = [reference(batch["image"].to(device)) for batch in loader()]
 
     network = copy.deepcopy(source)
-    handler = GraTaHandler(beta=1e-2, seed=2)
+    handler = GraTaHandler(beta=1e-2, seed=2, task="fundus")
     engine = evaluator(network, [handler], device)
     preds = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
@@ -46,7 +46,7 @@ def test_evaluator_forward_sees_adapted_weights(device):
 
 
 def test_stats_reach_stats_handler(capsys):
-    handler = GraTaHandler(beta=1e-3)
+    handler = GraTaHandler(beta=1e-3, task="fundus")
     stats = StatsHandler(iteration_log=True, output_transform=tta_output_transform, name="tta_test")
     evaluator(tiny_net(), [handler, stats]).run()
     printed = "".join(capsys.readouterr())
@@ -54,7 +54,9 @@ def test_stats_reach_stats_handler(capsys):
 
 
 def test_a_preset_builds_its_adapter_and_options_given_win():
-    handler = TTAHandler(method="grata_gated", steps=2, beta=1e-4)  # 1e-4: GraTa's own default, still the user's
+    handler = TTAHandler(
+        method="grata_gated", steps=2, beta=1e-4, task="fundus"
+    )  # 1e-4: GraTa's own default, still the user's
     evaluator(tiny_net(), [handler]).run()
     assert isinstance(handler.adapter, GraTa)
     assert (handler.adapter.min_shift, handler.adapter.beta, handler.adapter.steps) == (0.18, 1e-4, 2)
@@ -62,7 +64,7 @@ def test_a_preset_builds_its_adapter_and_options_given_win():
 
 
 def test_reset_on_domain_change():
-    handler = TTAHandler(method="grata", reset_key="domain", beta=1e-2)
+    handler = TTAHandler(method="grata", reset_key="domain", beta=1e-2, task="fundus")
     resets = []
     engine = evaluator(tiny_net(), [handler])
 
@@ -82,7 +84,7 @@ def test_adapter_sees_the_batch_as_the_evaluator_prepares_it():
         return batchdata["image"].to(device=device, **kwargs) * 2, batchdata["label"].to(device)
 
     network = tiny_net()
-    handler = TTAHandler(method="grata", beta=1e-3)
+    handler = TTAHandler(method="grata", beta=1e-3, task="fundus")
     engine = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=loader(),
@@ -107,7 +109,7 @@ def test_adapter_sees_the_batch_as_the_evaluator_prepares_it():
 
 def test_adapter_must_wrap_the_evaluator_network():
     with pytest.raises(ValueError, match="evaluator's own network"):
-        evaluator(tiny_net(), [GraTaHandler(adapter=GraTa(tiny_net()))]).run()
+        evaluator(tiny_net(), [GraTaHandler(adapter=GraTa(tiny_net(), multilabel=True))]).run()
 
 
 def test_tta_output_transform_without_stats():
@@ -135,9 +137,11 @@ def sliding_evaluator(network, handlers):
 
 def test_sliding_window_evaluator_predicts_with_the_patch_adapted_weights():
     source = tiny_net_3d()
-    reference = PatchAdaptation(GraTa(copy.deepcopy(source), beta=1e-2, seed=2, multilabel=False), (8, 8, -1), 3)
+    reference = PatchAdaptation(
+        build_adapter("grata", copy.deepcopy(source), task="spinalcord", beta=1e-2, seed=2), (8, 8, -1), 3
+    )
     network = copy.deepcopy(source)
-    handler = TTAHandler(method="grata", num_patches=3, beta=1e-2, seed=2, multilabel=False)
+    handler = TTAHandler(method="grata", num_patches=3, beta=1e-2, seed=2, task="spinalcord")
     engine, inferer, preds = sliding_evaluator(network, [handler])
     seen = []
     engine.add_event_handler(
@@ -191,10 +195,10 @@ def test_sliding_window_reset_on_domain_change_and_rollback(caplog):
 
 
 def test_patch_adaptation_needs_a_sliding_window_inferer():
-    handler = TTAHandler(method="norm", patch_adaptation=True)
+    handler = TTAHandler(method="norm", patch_adaptation=True, task="fundus")
     with pytest.raises(ValueError, match="SlidingWindowInferer"):
         evaluator(tiny_net(), [handler]).run()
-    whole = TTAHandler(method="norm", patch_adaptation=False)
+    whole = TTAHandler(method="norm", patch_adaptation=False, task="fundus")
     engine, _, _ = sliding_evaluator(tiny_net_3d(), [whole])
     engine.run()
     assert whole.patches is None and len(whole.history) == 3
@@ -204,15 +208,15 @@ def test_patch_adaptation_needs_a_sliding_window_inferer():
 def test_methods_that_predict_before_their_update_do_so_in_an_evaluator(predict):
     from monai_grata.tta import Tent
 
-    reference = Tent(tiny_net(), lr=1e-1, predict=predict)
+    reference = Tent(tiny_net(), lr=1e-1, predict=predict, multilabel=True)
     expected = [reference(batch["image"]) for batch in loader()]
-    handler = TTAHandler(method="tent", lr=1e-1, predict=predict)
+    handler = TTAHandler(method="tent", lr=1e-1, predict=predict, task="fundus")
     engine = evaluator(tiny_net(), [handler])
     preds = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
     engine.run()
     for got, want in zip(preds, expected, strict=True):
         torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6)
-    after = Tent(tiny_net(), lr=1e-1, predict="after")
+    after = Tent(tiny_net(), lr=1e-1, predict="after", multilabel=True)
     differs = [not torch.allclose(after(b["image"]), w, atol=1e-6) for b, w in zip(loader(), expected, strict=True)]
     assert any(differs) == (predict == "before")

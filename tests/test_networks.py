@@ -121,7 +121,7 @@ def test_adapters_step_on_the_authors_resunet(method):
     from monai_grata.tta import build_adapter
 
     torch.manual_seed(0)
-    adapter = build_adapter(method, resunet(decoder="authors"))
+    adapter = build_adapter(method, resunet(decoder="authors"), task="fundus")
     before = [p.detach().clone() for p in adapter.params]
     logits = adapter(torch.rand(1, 3, 64, 64))
     assert logits.shape == (1, 2, 64, 64) and torch.isfinite(logits).all()

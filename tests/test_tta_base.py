@@ -78,7 +78,7 @@ def test_the_constructor_signature_is_the_subclass_own():
     assert dict(adapter_defaults("tent"), lr=None) == {
         "lr": None,
         "episodic": False,
-        "multilabel": True,
+        "multilabel": None,
         "predict": "before",
         "bn_prior": 0.0,
         "bn_momentum": 0.0,
@@ -95,9 +95,9 @@ def test_the_constructor_signature_is_the_subclass_own():
     "build",
     [
         BatchNormStatistics,
-        SelectedBatchNormStatistics,
+        lambda net: SelectedBatchNormStatistics(net, multilabel=True),
         lambda net: DUA(net, n_augmentations=4),
-        DIGA,
+        lambda net: DIGA(net, multilabel=True),
     ],
     ids=["norm", "norm_select", "dua", "diga"],
 )
@@ -119,7 +119,7 @@ def test_methods_without_gradient_steps_have_no_optimizer_and_no_rollback_copies
 
 def test_diga_fuses_in_predict_without_a_hook_on_the_model():
     net = sharp_net()
-    adapter = DIGA(net)
+    adapter = DIGA(net, multilabel=True)
     assert not net._forward_hooks and not net._forward_pre_hooks
     x, y = images(2)
     with torch.no_grad():
@@ -137,14 +137,14 @@ def test_diga_fuses_in_predict_without_a_hook_on_the_model():
 def test_diga_in_an_evaluator_predicts_as_the_adapter_does():
     torch.manual_seed(0)
     data = [{"image": x[0]} for x in images(3)]
-    reference = DIGA(sharp_net())
+    reference = DIGA(sharp_net(), multilabel=True)
     expected = [reference(x) for x in images(3)]
     network = sharp_net()
     engine = SupervisedEvaluator(
         device="cpu",
         val_data_loader=DataLoader(data, batch_size=1),
         network=network,
-        val_handlers=[TTAHandler(method="diga")],
+        val_handlers=[TTAHandler(method="diga", multilabel=True)],
     )
     preds = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"].clone()))
@@ -213,7 +213,7 @@ def test_a_plain_adapter_only_needs_adapt():
 
 def test_the_handler_warns_when_no_inferer_can_run_the_adapter_predict(caplog):
     engine = Engine(lambda e, batch: None)
-    TTAHandler(adapter=DIGA(sharp_net())).attach(engine)
+    TTAHandler(adapter=DIGA(sharp_net(), multilabel=True)).attach(engine)
     engine.prepare_batch = lambda batch, device, non_blocking, **kwargs: (batch["image"], None)
     engine.state.device, engine.non_blocking = "cpu", False
     engine.run([{"image": x} for x in images(1)])

@@ -59,6 +59,7 @@ def changed(before: dict, after: dict) -> set[str]:
 def is_affine(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in ("weight", "bias") and key.split(".")[0] in ("1", "4")  # tiny_net's norms
 
+
 RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -77,7 +78,7 @@ def method_state(adapter) -> object:
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_builds_with_defaults_and_returns_logits(name):
-    adapter = build_adapter(name, tiny_net())
+    adapter = build_adapter(name, tiny_net(), task="fundus")
     assert isinstance(adapter, BASELINES[name])
     x = images(1)[0]
     out = adapter(x)
@@ -88,7 +89,7 @@ def test_builds_with_defaults_and_returns_logits(name):
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_two_steps_change_only_what_the_method_adapts(name):
-    adapter = build_adapter(name, sharp_net(), **OPTIONS.get(name, {}))
+    adapter = build_adapter(name, sharp_net(), task="fundus", **OPTIONS.get(name, {}))
     source = copy.deepcopy(adapter.model.state_dict())
     first, second = images(2)
     adapter(first)
@@ -101,7 +102,7 @@ def test_two_steps_change_only_what_the_method_adapts(name):
         assert not moved and adapter.prototypes is not None and bool(adapter.exists.any())
     elif name == "dltta":  # the network's weights stay frozen (its train-mode forwards move the running statistics,
         # as the authors' do); the adaptor inside it moves
-        fresh = build_adapter(name, sharp_net(), **OPTIONS[name]).adaptor.state_dict()
+        fresh = build_adapter(name, sharp_net(), task="fundus", **OPTIONS[name]).adaptor.state_dict()
         assert all(k.endswith(RUNNING) for k in moved)
         assert changed(fresh, adapter.adaptor.state_dict())
     else:  # normalisation affine parameters only
@@ -113,7 +114,7 @@ def test_two_steps_change_only_what_the_method_adapts(name):
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_reset_restores_the_source_state_bit_exactly(name):
-    adapter = build_adapter(name, sharp_net(), **OPTIONS.get(name, {}))
+    adapter = build_adapter(name, sharp_net(), task="fundus", **OPTIONS.get(name, {}))
     source = copy.deepcopy(adapter.model.state_dict())
     fresh = method_state(adapter)
     for x in images(3):
@@ -127,7 +128,7 @@ def test_reset_restores_the_source_state_bit_exactly(name):
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_a_batch_with_nan_is_skipped(name):
-    adapter = build_adapter(name, sharp_net(), **OPTIONS.get(name, {}))
+    adapter = build_adapter(name, sharp_net(), task="fundus", **OPTIONS.get(name, {}))
     source = copy.deepcopy(adapter.model.state_dict())
     adapter(images(1)[0])
     before, state = copy.deepcopy(adapter.model.state_dict()), copy.deepcopy(method_state(adapter))
@@ -140,6 +141,16 @@ def test_a_batch_with_nan_is_skipped(name):
         assert torch.equal(adapter.prototypes, state)
     else:
         assert method_state(adapter) == state
+
+
+@pytest.mark.parametrize("name", ["diga", "dltta", "domainadaptor", "grata", "medbn", "norm_select", "sar", "tent"])
+def test_no_task_is_assumed_and_the_error_says_what_to_pass(name):
+    with pytest.raises(ValueError, match=r"multilabel=True for sigmoid.*multilabel=False for softmax.*task="):
+        build_adapter(name, sharp_net())
+    assert build_adapter(name, sharp_net(), task="spinalcord").multilabel is False
+    assert build_adapter(name, sharp_net(), task="fundus", multilabel=False).multilabel is False  # the caller wins
+    with pytest.raises(KeyError, match="unknown task"):
+        build_adapter(name, sharp_net(), task="retina")
 
 
 @pytest.mark.parametrize("name", ["diga", "dltta", "domainadaptor", "medbn", "sar"])
@@ -173,7 +184,7 @@ def _evaluator_predictions(name: str, labels: str) -> list[torch.Tensor]:
         device="cpu",
         val_data_loader=DataLoader(data, batch_size=1),
         network=network,
-        val_handlers=[TTAHandler(method=name)],
+        val_handlers=[TTAHandler(method=name, task="fundus")],
     )
     preds = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"].clone()))
@@ -232,7 +243,7 @@ def test_median_statistics_match_the_reference_and_mix_a_prior():
 
 def test_medbn_is_tent_on_median_statistics():
     net = tiny_net()
-    adapter = MedBN(net, lr=1e-2)
+    adapter = MedBN(net, lr=1e-2, multilabel=True)
     x = images(1)[0]
     expected = median_reference(net, x)
     with torch.no_grad():
@@ -293,7 +304,7 @@ def test_update_running_statistics_is_train_mode_batch_norm_inside_the_context_o
 
 def test_diga_prototypes_follow_confident_pseudo_labels_and_fuse_with_the_network():
     net = sharp_net()
-    adapter = DIGA(net, proto_rho=0.5)
+    adapter = DIGA(net, proto_rho=0.5, multilabel=True)
     x, y = images(2)
     adapter.adapt_batch(x)
     with torch.no_grad():
@@ -310,7 +321,7 @@ def test_diga_prototypes_follow_confident_pseudo_labels_and_fuse_with_the_networ
     both = exists & (first.abs().sum(-1) > 0)
     torch.testing.assert_close(adapter.prototypes[both], (first + 0.5 * (instance - first))[both])
     # no fusion: the network's own prediction (BatchNorm with the 0.8 / 0.2 mixture)
-    plain = DIGA(copy.deepcopy(tiny_net()), fusion_lambda=0.0)
+    plain = DIGA(copy.deepcopy(tiny_net()), fusion_lambda=0.0, multilabel=True)
     out = plain(x)
     with torch.no_grad():
         raw = plain.model(x)
@@ -326,7 +337,7 @@ def test_dltta_learning_rate_grows_with_the_discrepancy_to_similar_past_images()
     z = torch.randn(1, 2, 4, 4)
     assert float(symmetric_kl(z, z, True)) == pytest.approx(0.0, abs=1e-7)
     assert float(symmetric_kl(z, -z, True)) > 0 and float(symmetric_kl(z, 2 * z, False)) > 0
-    adapter = DLTTA(tiny_net(), memory_size=4, k=2)
+    adapter = DLTTA(tiny_net(), memory_size=4, k=2, multilabel=True)
     lrs = []
     for x in images(5):
         adapter(x)
@@ -351,7 +362,7 @@ def test_gem_t_matches_the_authors_formula():
 
 def test_domainadaptor_starts_every_batch_from_the_source():
     net = tiny_net()
-    adapter = DomainAdaptor(net)
+    adapter = DomainAdaptor(net, multilabel=True)
     source = copy.deepcopy(net.state_dict())
     x = images(1)[0]
     first = adapter(x)
@@ -363,19 +374,19 @@ def test_domainadaptor_starts_every_batch_from_the_source():
 def test_sar_filters_unreliable_pixels_and_resets_below_the_loss_average():
     z = torch.randn(1, 2, 4, 4)
     p = torch.sigmoid(z)
-    torch.testing.assert_close(pixel_entropy(z), -(p * p.log() + (1 - p) * (1 - p).log()))
-    nothing_kept = SAR(tiny_net(), margin=0.01)  # a tiny net is unsure everywhere
+    torch.testing.assert_close(pixel_entropy(z, multilabel=True), -(p * p.log() + (1 - p) * (1 - p).log()))
+    nothing_kept = SAR(tiny_net(), margin=0.01, multilabel=True)  # a tiny net is unsure everywhere
     source = copy.deepcopy(nothing_kept.model.state_dict())
     nothing_kept(images(1)[0])
     assert float(nothing_kept.last_step.kept) == 0 and not changed(source, nothing_kept.model.state_dict())
-    always = SAR(sharp_net(), reset_constant=math.inf)
+    always = SAR(sharp_net(), reset_constant=math.inf, multilabel=True)
     state = copy.deepcopy(always.model.state_dict())
     always(images(1)[0])
     assert float(always.last_step.reset) == 1 and always.ema is not None  # the authors keep the average
     assert not changed(state, always.model.state_dict())
     always.reset()  # a reset from outside (a new domain) clears it
     assert always.ema is None
-    kept = SAR(sharp_net(), reset_constant=0.0)
+    kept = SAR(sharp_net(), reset_constant=0.0, multilabel=True)
     kept(images(1)[0])
     assert 0 < float(kept.last_step.kept) <= 1 and kept.ema is not None
     assert float(kept.last_step.loss_pseudo) < math.log(2) * 0.4 + 1e-6
@@ -385,9 +396,7 @@ def test_sar_filters_unreliable_pixels_and_resets_below_the_loss_average():
 
 
 def _volume_options(name: str) -> dict:
-    options = dict(OPTIONS.get(name, {}))
-    if "multilabel" in inspect.signature(adapter_class(name)).parameters:
-        options["multilabel"] = False  # softmax over three classes
+    options = dict(OPTIONS.get(name, {}))  # the task: softmax over three classes, views in the (H, W) plane
     if name == "dua":
         options["n_augmentations"] = 4
     return options
@@ -402,7 +411,7 @@ def test_every_adapter_adapts_volumes_and_resets(name, make_net):
     with torch.no_grad():  # confident predictions, so DIGA's and SAR's filters keep voxels
         last = net.network[-1] if hasattr(net, "network") else net[-1]
         last.weight.mul_(20)
-    adapter = build_adapter(name, net, **_volume_options(name))
+    adapter = build_adapter(name, net, task="spinalcord", **_volume_options(name))
     source = copy.deepcopy(adapter.model.state_dict())
     torch.manual_seed(3)
     for _ in range(2):

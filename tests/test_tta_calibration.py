@@ -65,7 +65,7 @@ def test_shifts_are_measured_as_the_gate_measures_them_and_leave_the_model_alone
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     reference = batch_norm_shift(convert_to_adaptive_batch_norm(_tiny_net().eval(), BatchNormPolicy(prior=256.0)), x)
     assert shift == pytest.approx(float(reference), rel=1e-6)
-    gate = GraTa(_tiny_net(), normalization=BatchNormPolicy(prior=256), min_shift=0.0, seed=0)
+    gate = GraTa(_tiny_net(), normalization=BatchNormPolicy(prior=256), min_shift=0.0, seed=0, multilabel=True)
     gate(x)
     assert float(gate.last_step.stream_shift) == pytest.approx(shift, rel=1e-5)
 

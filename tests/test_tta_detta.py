@@ -18,6 +18,7 @@ from monai_grata.utils.train_denoiser import main as train_denoiser_main
 from monai_grata.utils.train_denoiser import train_denoiser
 
 from .test_tta_baselines import changed, images, is_affine, sharp_net
+from .test_tta_grata import tiny_net_3d
 
 
 def test_registered_and_builds_with_an_untrained_denoiser(caplog):
@@ -42,6 +43,29 @@ def test_blind_spot_masks_the_share_of_positions_with_neighbours():
     assert bool((rolled == masked).any(dim=0)[mask == 1].all())
     again, _ = blind_spot(x, 0.1, 5, torch.Generator().manual_seed(0))
     assert torch.equal(masked, again)
+
+
+def test_blind_spot_on_a_volume_takes_neighbours_from_the_same_slice():
+    x = torch.arange(2 * 8 * 8 * 6, dtype=torch.float32).reshape(1, 2, 8, 8, 6)  # every value names its voxel
+    masked, mask = blind_spot(x, 0.2, 5, torch.Generator().manual_seed(1), plane=(-3, -2))
+    assert torch.equal(masked[mask == 0], x[mask == 0])
+    channel, h, w, d = torch.nonzero(mask[0] == 1, as_tuple=True)
+    source = masked[0][channel, h, w, d].long() - channel * 8 * 8 * 6  # the voxel each masked one copies
+    src_h, src_w, src_d = source // (8 * 6), source // 6 % 8, source % 6
+    assert torch.equal(src_d, d)  # never another slice
+    assert bool(((src_h - h + 2) % 8 <= 4).all() and ((src_w - w + 2) % 8 <= 4).all())  # within the 5x5 window
+    with pytest.raises(ValueError, match="in-plane axes are not known"):  # a volume's plane is never guessed
+        blind_spot(x, 0.2, 5, torch.Generator())
+    with pytest.raises(ValueError, match="two different spatial axes"):
+        blind_spot(x, 0.2, 5, torch.Generator(), plane=(-2, -2))
+
+
+def test_detta_takes_a_volumes_plane_from_the_task():
+    adapter = build_adapter("detta", tiny_net_3d(3), task="spinalcord")
+    assert adapter.plane == (-3, -2)
+    assert adapter(torch.rand(1, 1, 8, 8, 4)).shape == (1, 3, 8, 8, 4)
+    with pytest.raises(ValueError, match="blind_spot on a volume"):
+        build_adapter("detta", tiny_net_3d(3))(torch.rand(1, 1, 8, 8, 4))
 
 
 def test_denoising_loss_counts_only_masked_positions():

@@ -236,8 +236,8 @@ def test_the_authors_ensemble_is_the_kth_nearest_neighbours_weighted_logits():
 
 def test_reset_restores_the_source_bit_exactly():
     net = ToyUNet()
-    adapter = DLTTA(net, k=2, memory_size=3)
-    fresh = DLTTA(copy.deepcopy(ToyUNet()), k=2, memory_size=3)
+    adapter = DLTTA(net, k=2, memory_size=3, multilabel=True)
+    fresh = DLTTA(copy.deepcopy(ToyUNet()), k=2, memory_size=3, multilabel=True)
     network, adaptor = copy.deepcopy(net.state_dict()), copy.deepcopy(adapter.adaptor.state_dict())
     statistics = [t.clone() for t in running(adapter)]
     images = stream(4)
@@ -253,7 +253,7 @@ def test_reset_restores_the_source_bit_exactly():
 
 
 def test_a_batch_with_nan_is_skipped():
-    adapter = DLTTA(ToyUNet(), k=1, memory_size=3)
+    adapter = DLTTA(ToyUNet(), k=1, memory_size=3, multilabel=True)
     for x in stream(2):
         adapter(x)
     adaptor = copy.deepcopy(adapter.adaptor.state_dict())
@@ -271,10 +271,10 @@ def test_the_first_prediction_is_the_source_network_on_batch_statistics():
     x = stream(1)[0]
     with torch.no_grad():
         source = copy.deepcopy(net).train()(x)  # the authors' test: TNet.train(); a fresh adaptor is the identity
-    adapter = build_adapter("dltta", net)
+    adapter = build_adapter("dltta", net, task="fundus")
     torch.testing.assert_close(adapter(x), source)
     assert float(adapter.last_step.lr) == 0.0
-    with_image = DLTTA(ToyUNet(), image_adaptor=True)  # the authors' random image network changes it at once
+    with_image = DLTTA(ToyUNet(), image_adaptor=True, multilabel=True)  # the authors' random image network changes it
     assert not torch.allclose(with_image(x), source, atol=1e-3)
 
 
@@ -336,20 +336,20 @@ def test_autoencoders_are_fitted_saved_and_found_beside_the_checkpoint(tmp_path)
     x = source[:1]
     losses = []
     for autoencoders in (untrained, fitted):
-        adapter = DLTTA(copy.deepcopy(net), autoencoders=autoencoders)
+        adapter = DLTTA(copy.deepcopy(net), autoencoders=autoencoders, multilabel=True)
         adapter(x)  # the first image takes no step (lr 0): its loss is the source network's
         losses.append(float(adapter.last_step.loss_reconstruction))
     assert losses[1] < 0.5 * losses[0]
     save_autoencoders(fitted, str(tmp_path / "dltta_toy.pt"))
     net.checkpoint_path = str(tmp_path / "source_toy.pt")
-    found = DLTTA(net).autoencoders.state_dict()
+    found = DLTTA(net, multilabel=True).autoencoders.state_dict()
     assert all(torch.equal(v, fitted.state_dict()[k]) for k, v in found.items())
     with pytest.raises(BadInputError, match="need"):
-        DLTTA(ToyUNet(out_channels=3), autoencoders=fitted)
+        DLTTA(ToyUNet(out_channels=3), autoencoders=fitted, multilabel=True)
 
 
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="k"):
-        DLTTA(ToyUNet(), k=5, memory_size=5)
+        DLTTA(ToyUNet(), k=5, memory_size=5, multilabel=True)
     with pytest.raises(ValueError, match="ensemble"):
-        DLTTA(ToyUNet(), ensemble="mean")
+        DLTTA(ToyUNet(), ensemble="mean", multilabel=True)

@@ -156,12 +156,12 @@ def test_layers_read_as_batch_statistics_batch_norms():
 
 def test_bad_networks_and_options_are_refused():
     with pytest.raises(ValueError, match="has none"):
-        DomainAdaptor(nn.Sequential(nn.Conv2d(3, 2, 1), nn.GroupNorm(1, 2)))
+        DomainAdaptor(nn.Sequential(nn.Conv2d(3, 2, 1), nn.GroupNorm(1, 2)), multilabel=True)
     with pytest.raises(ValueError, match="running statistics"):
-        DomainAdaptor(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)))
+        DomainAdaptor(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)), multilabel=True)
     with pytest.raises(ValueError, match="affine"):
-        DomainAdaptor(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, affine=False)))
+        DomainAdaptor(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, affine=False)), multilabel=True)
     with pytest.raises(ValueError, match="mix_lambda"):
-        DomainAdaptor(toy_net(), mix_lambda=1.5)
+        DomainAdaptor(toy_net(), mix_lambda=1.5, multilabel=True)
     with pytest.raises(ValueError, match="spatial"):
         DomainAdaptor(toy_net(), multilabel=False)(batch(2, 0)[:, :, :1, :1])

@@ -127,8 +127,10 @@ def check_in_plane_copies(copies: torch.Tensor, volume: torch.Tensor, seed: int)
 
 def test_dua_copies_of_a_volume_keep_the_slice_axis():
     volume = layered_volume()
-    copies = dua_copies(volume, 16, torch.Generator().manual_seed(7))
+    copies = dua_copies(volume, 16, torch.Generator().manual_seed(7), plane=(-3, -2))
     check_in_plane_copies(copies, volume, seed=7)
+    with pytest.raises(ValueError, match="in-plane axes are not known"):  # a volume's plane is never guessed
+        dua_copies(volume, 16, torch.Generator())
     # the 2D behaviour in the last two axes augments the slice axis: the check above catches it
     with pytest.raises(AssertionError):
         check_in_plane_copies(dua_copies_2d(volume, 16, torch.Generator().manual_seed(7)), volume, seed=7)
@@ -140,7 +142,7 @@ def test_dua_copies_in_a_given_plane():
     copies = dua_copies(slices_first, 16, torch.Generator().manual_seed(3), plane=(2, 3))
     check_in_plane_copies(copies.movedim(2, -1), volume, seed=3)
     non_square = torch.rand(1, 6, 8, 4)  # half turns only
-    assert dua_copies(non_square, 4, torch.Generator()).shape == (4, 1, 6, 8, 4)
+    assert dua_copies(non_square, 4, torch.Generator(), plane=(-3, -2)).shape == (4, 1, 6, 8, 4)
     for bad, plane, match in [
         (volume, (0, 1), "channel axis"),
         (volume, (-4, -3), "channel axis"),
@@ -158,7 +160,7 @@ def test_dua_adapts_a_3d_network_on_in_plane_copies():
     torch.manual_seed(6)
     stream = [torch.rand(2, 1, 8, 8, 5) for _ in range(2)]
     source = tiny_net_3d(3)
-    adapter = DUA(copy.deepcopy(source), n_augmentations=4, max_updates=None, seed=2)
+    adapter = DUA(copy.deepcopy(source), n_augmentations=4, max_updates=None, seed=2, plane=(-3, -2))
     for x in stream:
         assert adapter(x).shape == (2, 3, 8, 8, 5)
     assert adapter.steps == 4
@@ -170,7 +172,7 @@ def test_dua_adapts_a_3d_network_on_in_plane_copies():
                 m.train()
                 m.momentum = 0.1 * 0.94**step + 0.005
         with torch.no_grad():
-            reference(dua_copies(image, 4, generator))
+            reference(dua_copies(image, 4, generator, plane=(-3, -2)))
     want = running_statistics(reference)
     for name, value in running_statistics(adapter.model).items():
         torch.testing.assert_close(value, want[name], msg=name)

@@ -182,14 +182,14 @@ def test_bad_policies_are_refused_with_the_problem_named():
     with pytest.raises(ValueError, match="inside a network"):
         convert_to_adaptive_batch_norm(nn.BatchNorm2d(2))
     with pytest.raises(TypeError, match="BatchNormPolicy"):
-        build_adapter("tent", tiny_net(), normalization={"prior": 4.0})
+        build_adapter("tent", tiny_net(), normalization={"prior": 4.0}, task="fundus")
 
 
 @pytest.mark.parametrize("method", ["tent", "grata"])
 def test_adapters_with_a_prior_update_and_reset(method):
     net = tiny_net()
     source = copy.deepcopy(net.state_dict())
-    adapter = build_adapter(method, net, bn_prior=8.0)
+    adapter = build_adapter(method, net, bn_prior=8.0, task="fundus")
     assert adapter.normalization == BatchNormPolicy(prior=8.0)
     x = torch.rand(1, 3, 16, 16) * 3 + 1
     adapter(x)
@@ -201,15 +201,17 @@ def test_adapters_with_a_prior_update_and_reset(method):
 
 
 def test_the_flat_options_make_the_adapters_policy():
-    assert build_adapter("medbn", tiny_net(), bn_prior=4.0).normalization == BatchNormPolicy(4.0, 0.0, "median")
-    assert build_adapter("diga", tiny_net(), bn_momentum=0.1).normalization == BatchNormPolicy(4.0, 0.1)
+    assert build_adapter("medbn", tiny_net(), bn_prior=4.0, task="fundus").normalization == BatchNormPolicy(
+        4.0, 0.0, "median"
+    )
+    assert build_adapter("diga", tiny_net(), bn_momentum=0.1, task="fundus").normalization == BatchNormPolicy(4.0, 0.1)
     assert build_adapter("norm", tiny_net()).normalization == BatchNormPolicy()
     assert adapter_defaults("diga")["bn_prior"] == 4.0 and adapter_defaults("grata")["bn_momentum"] == 0.0
     assert "normalization" not in adapter_defaults("tent") and "bn_prior" not in adapter_defaults("dua")
     with pytest.raises(ValueError, match="takes no BatchNorm policy"):
         build_adapter("dua", tiny_net(), bn_prior=4.0)
     with pytest.raises(ValueError, match="not both"):
-        build_adapter("tent", tiny_net(), bn_prior=4.0, normalization=BatchNormPolicy())
+        build_adapter("tent", tiny_net(), bn_prior=4.0, normalization=BatchNormPolicy(), task="fundus")
 
 
 def test_norm_with_a_prior_matches_the_reference_and_rejects_a_negative_prior():

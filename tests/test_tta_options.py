@@ -79,6 +79,9 @@ CASES: dict[str, dict[str, Case]] = {
         "window": Case(3),
         "episodic": Case(True),
         "seed": Case(1),
+        "plane": Case(
+            (-1, -2), expect="same", why="an image has one plane (the same two axes either way); a volume needs it"
+        ),
         **_policy_cases(),
     },
     "diga": {
@@ -173,7 +176,6 @@ CASES: dict[str, dict[str, Case]] = {
             base={"bn_prior": 4.0, "bn_momentum": 0.5},
             why="the only state is a prior that follows the stream (bn_momentum): episodic puts the source back",
         ),
-        "predict": Case("before", no_effect="norm computes no loss: its prediction is the same forward either way"),
         **_policy_cases(),
     },
     "norm_select": {
@@ -181,7 +183,12 @@ CASES: dict[str, dict[str, Case]] = {
         "criterion": Case(
             "consistency", base={"priors": (1.0, 0.0)}, why="on the toy, entropy picks 0 and consistency 1"
         ),
-        "episodic": Case(True, no_effect="norm_select keeps no state between batches: there is nothing to reset"),
+        "views": Case(
+            (((), 0, (-2, -1)),),
+            base={"criterion": "consistency", "priors": (0.0, 1.0)},
+            why="the identity view alone has no disagreement to score: the priors tie and the first (0) wins, where "
+            "the six views pick 1",
+        ),
         "multilabel": Case(False),
     },
     "sar": {
@@ -211,7 +218,6 @@ CASES: dict[str, dict[str, Case]] = {
 
 #: options not named in their class's ``Args:``
 UNDOCUMENTED = {
-    ("norm", "predict"): "BatchNormStatistics inherits predict from TTAdapter but its Args do not name it",
 }
 
 

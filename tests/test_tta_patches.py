@@ -80,9 +80,11 @@ def test_one_window_equals_adapting_on_the_whole_volume():
     # a window as large as the volume: patch adaptation is the adapter's own step and prediction
     torch.manual_seed(2)
     x = torch.rand(1, 1, 8, 8, 4)
-    whole = GraTa(tiny_net_3d(), beta=1e-2, seed=1, multilabel=False)
+    whole = build_adapter("grata", tiny_net_3d(), task="spinalcord", beta=1e-2, seed=1)
     expected = whole(x)
-    patches = PatchAdaptation(GraTa(tiny_net_3d(), beta=1e-2, seed=1, multilabel=False), (8, 8, -1), num_patches=4)
+    patches = PatchAdaptation(
+        build_adapter("grata", tiny_net_3d(), task="spinalcord", beta=1e-2, seed=1), (8, 8, -1), num_patches=4
+    )
     got = patches(x, SlidingWindowInferer(roi_size=(8, 8, -1), sw_batch_size=1))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert patches.positions == [(slice(0, 8), slice(0, 8), slice(0, 4))]
@@ -90,7 +92,7 @@ def test_one_window_equals_adapting_on_the_whole_volume():
 
 @pytest.mark.parametrize("method", ["grata", "tent", "norm"])
 def test_the_adapter_sees_only_patches_and_every_window_the_same_statistics(method):
-    adapter = build_adapter(method, tiny_net_3d(), **({} if method == "norm" else {"multilabel": False}))
+    adapter = build_adapter(method, tiny_net_3d(), task="spinalcord")
     seen = []
     original = adapter.adapt_batch
     adapter.adapt_batch = lambda x: (seen.append(tuple(x.shape)), original(x))[1]

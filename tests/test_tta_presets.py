@@ -31,10 +31,10 @@ def test_the_default_is_the_gated_grata_and_source_prior_the_statistics_alone():
 
 @pytest.mark.parametrize("name", ["default", "grata_gated"])
 def test_the_gated_preset_builds_a_gated_grata(name):
-    method, options = resolve_method(name, {"grata": {"seed": 1}})
+    method, options = resolve_method(name, {"grata": {"seed": 1}}, task="fundus")
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
-    assert (adapter.min_shift, adapter.steps, adapter.beta) == (0.18, 3, 1e-3)
+    assert (adapter.min_shift, adapter.steps, adapter.beta, adapter.multilabel) == (0.18, 3, 1e-3, True)
 
 
 def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
@@ -44,6 +44,19 @@ def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
     method, options = resolve_method("default", bundle, command_line)
     assert method == "grata"
     assert options == {"beta": 1e-4, "bn_prior": 64.0, "steps": 3, "min_shift": 0.3, "seed": 5}
+
+
+def test_the_task_sits_just_above_the_constructor_defaults():
+    # the task decides multilabel and a volume's in-plane views; every other layer still wins over it
+    method, options = resolve_method("grata", {"grata": {"seed": 3}}, task="spinalcord")
+    assert options["multilabel"] is False and options["seed"] == 3
+    assert options["strong_transform"].blur_axes == (-3, -2) and options["strong_transform"].seed == 3
+    assert all(flip in ((), (-3,), (-2,)) and plane == (-3, -2) for flip, _, plane in options["views"])
+    assert resolve_method("grata", {"grata": {"multilabel": True}}, task="spinalcord")[1]["multilabel"] is True
+    assert resolve_method("tent", {}, {"multilabel": True}, task="spinalcord")[1] == {"multilabel": True}
+    assert resolve_method("dua", task="spinalcord")[1] == {"plane": (-3, -2)}
+    assert resolve_method("none", task="fundus") == ("none", {})  # no adaptation, no options
+    assert resolve_method("tent", task="fundus") == ("tent", {"multilabel": True})
 
 
 def test_a_value_equal_to_the_constructor_default_still_wins_over_the_preset():

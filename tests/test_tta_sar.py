@@ -83,7 +83,7 @@ def test_sar_matches_the_authors_update_step_by_step(reset):
     margins = [0.4, 0.4, 1e-30, 0.4, 0.4, 0.4]  # the third image keeps no pixel: a momentum-only step
     source = sharp_net()
     outputs, states, resets = reference_sar(source, stream, lr=1.0, reset=reset, margins=margins)
-    adapter = SAR(copy.deepcopy(source), lr=1.0, reset_constant=reset)
+    adapter = SAR(copy.deepcopy(source), lr=1.0, reset_constant=reset, multilabel=True)
     for step, (x, margin) in enumerate(zip(stream, margins, strict=True)):
         adapter.margin = margin
         got = adapter(x)
@@ -101,8 +101,10 @@ def test_sar_matches_the_authors_update_step_by_step(reset):
 def test_sar_adapts_where_the_unscaled_reset_kept_it_at_batch_statistics():
     stream = images(4)
     norm = build_adapter("norm", sharp_net())
-    sar = SAR(sharp_net(), lr=0.1)
-    unscaled = SAR(sharp_net(), lr=0.1, reset_constant=0.2 / math.log(2))  # the authors' 0.2 on a sigmoid entropy
+    sar = SAR(sharp_net(), lr=0.1, multilabel=True)
+    unscaled = SAR(
+        sharp_net(), lr=0.1, reset_constant=0.2 / math.log(2), multilabel=True
+    )  # the authors' 0.2 on a sigmoid entropy
     differ = []
     for x in stream:
         expected = norm(x)
@@ -115,7 +117,10 @@ def test_sar_adapts_where_the_unscaled_reset_kept_it_at_batch_statistics():
 
 def test_sar_predicts_after_the_update_on_request():
     x = images(1)[0]
-    before, after = SAR(sharp_net(), lr=0.1), SAR(sharp_net(), lr=0.1, predict="after")
+    before, after = (
+        SAR(sharp_net(), lr=0.1, multilabel=True),
+        SAR(sharp_net(), lr=0.1, predict="after", multilabel=True),
+    )
     first = before(x)
     second = after(x)
     with torch.no_grad():
@@ -123,12 +128,12 @@ def test_sar_predicts_after_the_update_on_request():
         torch.testing.assert_close(first, build_adapter("norm", sharp_net())(x))
     assert not torch.allclose(first, second, atol=1e-5)
     with pytest.raises(ValueError, match="predict"):
-        SAR(sharp_net(), predict="during")
+        SAR(sharp_net(), predict="during", multilabel=True)
     with pytest.raises(ValueError, match="reset_constant"):
-        SAR(sharp_net(), reset_constant=-1)
+        SAR(sharp_net(), reset_constant=-1, multilabel=True)
 
 
 def test_the_default_reset_is_the_authors_fraction_of_the_entropy_range():
     assert AUTHORS_RESET_FRACTION * math.log(1000) == pytest.approx(0.2)
     assert AUTHORS_RESET_FRACTION * math.log(2) == pytest.approx(0.0201, abs=1e-4)
-    assert SAR(tiny_net()).reset_constant == AUTHORS_RESET_FRACTION
+    assert SAR(tiny_net(), multilabel=True).reset_constant == AUTHORS_RESET_FRACTION

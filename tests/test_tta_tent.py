@@ -47,7 +47,7 @@ def test_tent_matches_the_authors_forward_and_adapt_step_by_step():
     stream = images(3)
     source = tiny_net()
     outputs, states = reference_tent(source, stream, lr=1e-2)
-    adapter = Tent(copy.deepcopy(source), lr=1e-2)
+    adapter = Tent(copy.deepcopy(source), lr=1e-2, multilabel=True)
     assert adapter.prediction_order == "before"
     for step, x in enumerate(stream):
         torch.testing.assert_close(adapter(x), outputs[step], rtol=1e-5, atol=1e-6, msg=f"prediction {step}")
@@ -63,7 +63,10 @@ def count_forwards(model: nn.Module) -> list[int]:
 
 def test_predict_before_saves_the_second_forward_and_after_predicts_with_the_update():
     x = images(1)[0]
-    before, after = Tent(tiny_net(), lr=1e-2), Tent(tiny_net(), lr=1e-2, predict="after")
+    before, after = (
+        Tent(tiny_net(), lr=1e-2, multilabel=True),
+        Tent(tiny_net(), lr=1e-2, predict="after", multilabel=True),
+    )
     calls_before, calls_after = count_forwards(before.model), count_forwards(after.model)
     first, second = before(x), after(x)
     assert calls_before == [1] and calls_after == [2]
@@ -73,11 +76,11 @@ def test_predict_before_saves_the_second_forward_and_after_predicts_with_the_upd
     assert not torch.allclose(first, second, atol=1e-5)
     assert before.logits_before is None  # nothing kept past the call
     with pytest.raises(ValueError, match="predict"):
-        Tent(tiny_net(), predict="later")
+        Tent(tiny_net(), predict="later", multilabel=True)
 
 
 def test_predict_before_after_a_skipped_or_rolled_back_update():
-    adapter = Tent(tiny_net(), lr=1e-2)
+    adapter = Tent(tiny_net(), lr=1e-2, multilabel=True)
     calls = count_forwards(adapter.model)
     bad = images(1)[0]
     bad[0, 0, 3, 3] = float("nan")
@@ -103,7 +106,9 @@ def test_predict_before_after_a_skipped_or_rolled_back_update():
 def test_a_following_prior_moves_once_per_batch_in_either_order(predict):
     net = tiny_net()
     source_mean = net[1].running_mean.clone()
-    adapter = Tent(net, lr=1e-2, normalization=BatchNormPolicy(prior=4.0, momentum=0.5), predict=predict)
+    adapter = Tent(
+        net, lr=1e-2, normalization=BatchNormPolicy(prior=4.0, momentum=0.5), predict=predict, multilabel=True
+    )
     x = images(1)[0]
     adapter(x)
     with torch.no_grad():  # the first BatchNorm sees the (not adapted) first convolution's output
@@ -118,10 +123,10 @@ def test_medbn_returns_the_median_normalised_prediction_before_its_update():
     x = images(1)[0]
     with torch.no_grad():
         expected = convert_to_adaptive_batch_norm(copy.deepcopy(net), BatchNormPolicy(statistic="median"))(x)
-    adapter = MedBN(net, lr=1e-2)
+    adapter = MedBN(net, lr=1e-2, multilabel=True)
     assert adapter.prediction_order == "before"
     torch.testing.assert_close(adapter(x), expected)
-    after = MedBN(tiny_net(), lr=1e-2, predict="after")
+    after = MedBN(tiny_net(), lr=1e-2, predict="after", multilabel=True)
     got = after(x)
     with torch.no_grad():
         torch.testing.assert_close(got, after.model(x))

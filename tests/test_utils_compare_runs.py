@@ -69,3 +69,13 @@ def test_a_preset_run_shows_the_options_of_the_adapter_it_ran(tmp_path):
     log_run(client, experiment, "default_run", params, {"dice_mean": 0.8}, "FINISHED")
     table = format_table(collect_runs([str(tmp_path)]), ["method", "adapter", "beta"], ["dice_mean"])
     assert "| default_run | FINISHED | default | grata | 0.001 | 0.8 |" in table
+
+
+def test_default_metrics_are_the_channels_the_runs_logged():
+    from monai_grata.utils.compare_runs import default_metrics
+
+    spinal = {"metrics.dice_cord": 0.9, "metrics.dice_gm": 0.7, "metrics.dice_mean": 0.8, "metrics.a/dice_gm": 0.6}
+    fundus = {"metrics.dice_od": 0.9, "metrics.no_adapt_dice_od": 0.8, "metrics.stream/dice_od": 0.5}
+    summary = ["dice_mean", "no_adapt_dice_mean", "assd_mean", "val_mean_dice"]
+    assert default_metrics([spinal]) == ["dice_cord", "dice_gm", *summary]
+    assert default_metrics([fundus, spinal])[:3] == ["dice_od", "dice_cord", "dice_gm"]  # no fundus default

@@ -5,7 +5,6 @@ from .checks import (
     check_inputs,
     check_loader,
     exit_on_bad_input,
-    report_bad_input_briefly,
 )
 from .datalist import IMAGE_SUFFIXES, domain_datalist, folder_datalist, split_train_val, target_datalist
 from .preprocessing import check_image_size, fundus_preprocessing
@@ -32,7 +31,6 @@ __all__ = [
     "folder_datalist",
     "fundus_preprocessing",
     "exit_on_bad_input",
-    "report_bad_input_briefly",
     "split_train_val",
     "target_datalist",
     "volume_preprocessing",

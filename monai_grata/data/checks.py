@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from monai.transforms import LoadImaged
 from torch.utils.data import DataLoader
 
-from monai_grata.transforms import DiscCupFromLabeld, EnsureImageChannelsd
+from monai_grata.transforms import EnsureImageChannelsd, NestedChannelsFromLabeld
+
+from .task import TaskSpec, resolve_task
 
 __all__ = [
     "BAD_INPUT_CHOICES",
@@ -20,7 +21,6 @@ __all__ = [
     "check_inputs",
     "check_loader",
     "exit_on_bad_input",
-    "report_bad_input_briefly",
 ]
 
 BAD_INPUT_CHOICES = ("error", "skip")
@@ -97,6 +97,13 @@ def _problem(
     return None
 
 
+def _label_structures(task: TaskSpec | str | None) -> tuple[tuple[str, str], ...]:
+    """The names of label values 1 and 2 in ``task``'s label codec, as a 0- or 1-tuple of arguments."""
+    codec = getattr(resolve_task(task), "label_to_channels", None)
+    names = getattr(codec, "structures", None)
+    return (tuple(names),) if names is not None and len(names) == 2 else ()
+
+
 def check_inputs(
     items: Sequence[dict],
     in_channels: int = 3,
@@ -104,6 +111,7 @@ def check_inputs(
     label_values: Sequence[int] = (0, 1, 2),
     on_bad_input: str = "error",
     min_size: int | Sequence[int] = 16,
+    task: TaskSpec | str | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Read every image (and label) once before any work starts, so a bad file stops the run up front (or is
     left out) instead of aborting a stream part-way.
@@ -124,6 +132,9 @@ def check_inputs(
             warning per bad file and leaves it out.
         min_size: the smallest image side accepted, in pixels: one for every axis, or one per spatial axis (a
             slice-wise network takes a volume of any number of slices: e.g. ``(8, 8, 1)``).
+        task: the task (a :class:`~monai_grata.data.TaskSpec` or a registered name) whose label codec names the
+            label values in a message (e.g. "1 optic disc rim, 2 optic cup"); None: "1 outer structure, 2 inner
+            structure".
 
     Returns:
         (the usable items, in order; ``[{"image": path, "reason": text}, ...]`` for the items left out).
@@ -136,7 +147,7 @@ def check_inputs(
         raise BadInputError(f"--on_bad_input must be one of {'|'.join(BAD_INPUT_CHOICES)}, got {on_bad_input!r}")
     load = LoadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)
     channels = EnsureImageChannelsd(keys="image", in_channels=in_channels, spatial_dims=spatial_dims)
-    labels = DiscCupFromLabeld(keys="label", allowed=tuple(label_values), allow_missing_keys=True)
+    labels = NestedChannelsFromLabeld("label", tuple(label_values), True, *_label_structures(task))
     min_size = (min_size,) * spatial_dims if isinstance(min_size, int) else tuple(min_size)
     if len(min_size) != spatial_dims:
         raise ValueError(f"min_size needs one side per spatial axis ({spatial_dims}), got {min_size}")
@@ -178,8 +189,9 @@ def exit_on_bad_input() -> Iterator[None]:
     """Within the block (or the decorated function), a :class:`BadInputError`, also one that caused another
     exception (MONAI wraps errors raised in a bundle config), ends the program with the one line
     ``error: <message>`` and no traceback, by raising ``SystemExit``; every other exception passes unchanged.
-    For the steps of a bundle job that check what the user gave (:mod:`monai_grata.engines.inference`), never
-    for library functions, which raise :class:`BadInputError` for their caller to handle.
+    For the steps of a bundle job that check what the user gave (:mod:`monai_grata.engines.inference`,
+    :func:`monai_grata.engines.job_step`), never for library functions, which raise :class:`BadInputError` for their
+    caller to handle.
 
     Example::
 
@@ -193,28 +205,3 @@ def exit_on_bad_input() -> Iterator[None]:
         if bad is None:
             raise
         raise SystemExit(f"error: {bad}") from None
-
-
-def report_bad_input_briefly(stream=None) -> Callable:
-    """Install a ``sys.excepthook`` that prints a :class:`BadInputError` (also when it is the cause of another
-    exception, as in a bundle config expression) as one line, ``error: <message>``, without the traceback;
-    every other exception keeps Python's usual report. The training and evaluation configs call it first in
-    ``initialize``; the main job (``inference.json``) does not need it (:func:`exit_on_bad_input`).
-
-    Args:
-        stream: where to print (default ``sys.stderr`` at the time of the error).
-
-    Returns:
-        the hook installed.
-    """
-    previous = sys.excepthook
-
-    def hook(kind, value, traceback):
-        bad = _bad_input(value)
-        if bad is None:
-            previous(kind, value, traceback)
-        else:
-            print(f"error: {bad}", file=stream or sys.stderr)
-
-    sys.excepthook = hook
-    return hook

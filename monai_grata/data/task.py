@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from monai_grata.transforms import (
     DiscCupFromLabel,
     LabelFromDiscCup,
+    LabelFromNestedChannels,
     NestedChannelsFromLabel,
     StrongIntensityAug,
     weak_views,
@@ -174,7 +175,7 @@ SPINALCORD = TaskSpec(
     view_axes=(-3, -2),
     preprocessing=partial(volume_preprocessing, transform_label=False),
     label_to_channels=NestedChannelsFromLabel(structures=("white matter", "gray matter")),
-    channels_to_label=LabelFromDiscCup(),
+    channels_to_label=LabelFromNestedChannels(("cord", "gray matter")),
     structures=("cord", "GM"),
     mask_legend="0 background, 1 white matter, 2 gray matter; NIfTI on each input's grid",
     to_label_grid="invert",

@@ -9,6 +9,7 @@ from .inference import (
     source_network,
 )
 from .interrupt import run_interruptibly, stop_when_interrupted
+from .steps import job_step
 from .uda_trainer import UDATrainer
 from .utils import ChannelsLastPrepareBatch, average_gradients, channel_output, mean_over_ranks
 
@@ -21,6 +22,7 @@ __all__ = [
     "inference_handlers",
     "job_adapter",
     "job_inputs",
+    "job_step",
     "prepare_output_dir",
     "run_name",
     "run_params",

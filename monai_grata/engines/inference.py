@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from monai_grata.data import BadInputError, check_inputs, exit_on_bad_input, target_datalist
+from monai_grata.data import BadInputError, TaskSpec, check_inputs, exit_on_bad_input, target_datalist
 from monai_grata.networks import load_weights
 from monai_grata.tta import TTAdapter, build_adapter, effective_options
 from monai_grata.utils.files import make_output_dir
@@ -72,6 +72,7 @@ def job_inputs(
     min_size: int | Sequence[int] = 16,
     exclude_domains: Sequence[str] = (),
     label_keys: Sequence[str] = ("label",),
+    task: TaskSpec | str | None = None,
 ) -> JobInputs:
     """The target images of a job (:func:`~monai_grata.data.target_datalist`), the first ``max_images``, each
     read once by :func:`~monai_grata.data.check_inputs` before any work.
@@ -88,6 +89,7 @@ def job_inputs(
         min_size: the smallest image side accepted, for every axis or per axis.
         exclude_domains: domains left out as well (e.g. every source of a multi-source model).
         label_keys: the item keys that hold a label.
+        task: the job's task, whose label codec names the label values in a message about a bad label.
 
     Raises:
         SystemExit: ``error: <problem>`` for a missing folder or datalist, a bad file (with ``"error"``) or no
@@ -95,7 +97,7 @@ def job_inputs(
     """
     items = [i for i in target_datalist(dataset_dir, target, source, datalist) if i["domain"] not in exclude_domains]
     kept, skipped = check_inputs(
-        items[:max_images], in_channels, spatial_dims, on_bad_input=on_bad_input, min_size=min_size
+        items[:max_images], in_channels, spatial_dims, on_bad_input=on_bad_input, min_size=min_size, task=task
     )
     return JobInputs(kept, skipped, tuple(label_keys))
 

@@ -36,7 +36,7 @@ def channel_output(channel: int, keys: Sequence[str] = ("pred", "label")) -> Cal
     """An ``output_transform`` for metric handlers that keeps one output channel.
 
     Args:
-        channel: the channel to keep (0 optic disc, 1 optic cup for fundus).
+        channel: the index of the channel to keep (the task's channels in order, e.g. 1 for a second structure).
         keys: the prediction and label keys of the decollated engine output.
 
     Returns:

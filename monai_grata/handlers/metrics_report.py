@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 
 import ignite.distributed as idist
@@ -19,9 +18,6 @@ from monai_grata.utils.files import atomic_write
 from monai_grata.utils.per_image import finite_mean
 
 __all__ = ["MetricsReport"]
-
-#: the task a report without ``channel_names`` or ``task`` assumes, for configs written before tasks were named
-LEGACY_TASK = "fundus"
 
 
 def _batch_values(batch, key: str) -> list[str]:
@@ -66,9 +62,11 @@ class MetricsReport:
         extra: a callable returning more summary entries (e.g. the no-adapt scores of the same run).
         skipped: the inputs left out of the run, ``[{"image": path, "reason": text}, ...]``.
         task: the task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as ``"fundus"``) whose
-            channels these are, when ``channel_names`` is not given. With neither, the ``"fundus"`` task is assumed
-            with a ``FutureWarning``: a transition for configs written before tasks were named; it will become an
-            error.
+            channels these are, when ``channel_names`` is not given. One of the two is needed: no task is assumed.
+
+    Raises:
+        ValueError: neither ``channel_names`` nor ``task``.
+        KeyError: an unknown task name.
     """
 
     def __init__(
@@ -87,13 +85,10 @@ class MetricsReport:
     ) -> None:
         task = resolve_task(task)
         if channel_names is None and task is None:
-            warnings.warn(
-                f"MetricsReport without channel_names or task: the {LEGACY_TASK!r} task's channels are assumed; "
-                'pass task= (e.g. "task": "fundus" in a bundle config) or channel_names=',
-                FutureWarning,
-                stacklevel=2,
+            raise ValueError(
+                "MetricsReport needs the names of the scored channels: pass task= (a TaskSpec or a registered name, "
+                'e.g. "task": "fundus" in a bundle config) or channel_names= (e.g. ["cord", "gm"])'
             )
-            task = resolve_task(LEGACY_TASK)
         self.output_dir = output_dir
         self.channel_names = tuple(channel_names) if channel_names is not None else task.channels
         self.dice_name, self.assd_name, self.image_key, self.group_key = dice_name, assd_name, image_key, group_key

@@ -71,8 +71,8 @@ class StreamReport:
             self.groups += _batch_values(engine.state.batch, self.group_key)
 
     def series(self) -> dict[str, list[float]]:
-        """The per-image values along the stream: dice_od, dice_oc, no_adapt_dice_od, no_adapt_dice_oc, cos, lr
-        (those available)."""
+        """The per-image values along the stream: ``dice_<channel>`` and ``no_adapt_dice_<channel>`` for the report's
+        channels (e.g. ``dice_od`` for fundus), ``cos``, ``lr`` (those available)."""
         out: dict[str, list[float]] = {}
         for prefix, report in (("", self.report), ("no_adapt_", self.reference)):
             if report is not None and "dice" in report.per_image:

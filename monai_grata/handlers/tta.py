@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
+from monai_grata.data.task import TaskSpec
 from monai_grata.tta import AdaptationStep, PatchAdaptation, TTAdapter, build_adapter, resolve_method
 
 __all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
@@ -56,6 +57,8 @@ class TTAHandler:
         patch_adaptation: adapt on patches (True), on the whole input (False), or on patches exactly when the
             evaluator's inferer is a ``SlidingWindowInferer`` (None, the default), with its roi_size and overlap.
         num_patches: patches per volume in patch adaptation.
+        task: the segmentation task (a :class:`~monai_grata.data.TaskSpec` or a registered name), which fills the
+            built adapter's ``multilabel`` and a volume's in-plane views (:func:`~monai_grata.tta.resolve_method`).
         adapter_kwargs: the adapter's constructor arguments.
     """
 
@@ -67,9 +70,11 @@ class TTAHandler:
         reset_key: str | None = None,
         patch_adaptation: bool | None = None,
         num_patches: int = 4,
+        task: TaskSpec | str | None = None,
         **adapter_kwargs: Any,
     ) -> None:
         self.adapter, self.method, self.network, self.adapter_kwargs = adapter, method, network, adapter_kwargs
+        self.task = task
         self.reset_key, self.patch_adaptation, self.num_patches = reset_key, patch_adaptation, num_patches
         self.patches: PatchAdaptation | None = None
         self.history: list[AdaptationStep] = []
@@ -90,7 +95,7 @@ class TTAHandler:
             target = self.network if self.network is not None else network
             if target is None:
                 raise ValueError("no network to adapt: pass `adapter` or `network`, or attach to a SupervisedEvaluator")
-            name, options = resolve_method(self.method, overrides=self.adapter_kwargs)
+            name, options = resolve_method(self.method, overrides=self.adapter_kwargs, task=self.task)
             self.adapter = build_adapter(name, target, **options)
         if network is not None and network is not self.adapter.model:
             raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from monai_grata.tta.base import require_multilabel
 from monai_grata.tta.losses import probabilities
 
 __all__ = [
@@ -30,13 +31,13 @@ class EntropyAlignmentLoss(nn.Module):
     divided by log 2 (resp. log C) so that 1 is the maximum, as ADVENT normalises.
 
     Args:
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default.
         weight: a factor on the loss (ADVENT's lambda_ent).
     """
 
-    def __init__(self, multilabel: bool = True, weight: float = 1.0) -> None:
+    def __init__(self, multilabel: bool | None = None, weight: float = 1.0) -> None:
         super().__init__()
-        self.multilabel, self.weight = multilabel, weight
+        self.multilabel, self.weight = require_multilabel(multilabel, type(self).__name__, via_task=False), weight
 
     def forward(self, target_logits: torch.Tensor) -> torch.Tensor:
         """
@@ -62,13 +63,14 @@ class AdversarialAlignmentLoss(nn.Module):
     Args:
         discriminator: a network mapping probability maps (B, C, *spatial) to real/fake logits, e.g. MONAI's
             ``PatchDiscriminator`` (its last output is used when it returns a list).
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default.
         weight: a factor on the loss (AdaptSegNet's lambda_adv).
     """
 
-    def __init__(self, discriminator: nn.Module, multilabel: bool = True, weight: float = 1.0) -> None:
+    def __init__(self, discriminator: nn.Module, multilabel: bool | None = None, weight: float = 1.0) -> None:
         super().__init__()
-        self.discriminator, self.multilabel, self.weight = discriminator, multilabel, weight
+        self.multilabel = require_multilabel(multilabel, type(self).__name__, via_task=False)
+        self.discriminator, self.weight = discriminator, weight
 
     def discriminate(self, logits: torch.Tensor) -> torch.Tensor:
         out = self.discriminator(probabilities(logits, self.multilabel))
@@ -104,7 +106,11 @@ def discriminator_loss(
 
 
 def build_alignment_loss(
-    name: str, out_channels: int = 2, spatial_dims: int = 2, weight: float = 1.0, multilabel: bool = True
+    name: str,
+    out_channels: int = 2,
+    spatial_dims: int = 2,
+    weight: float = 1.0,
+    multilabel: bool | None = None,
 ) -> nn.Module:
     """The alignment loss called ``name``: ``"adversarial"`` (with a new MONAI ``PatchDiscriminator`` on the
     ``out_channels`` probability maps, reachable as ``.discriminator``) or ``"entropy"``.
@@ -114,10 +120,10 @@ def build_alignment_loss(
         out_channels: output channels of the segmentation network (the discriminator's input channels).
         spatial_dims: 2 or 3.
         weight: the loss weight (lambda_adv / lambda_ent).
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default.
 
     Raises:
-        ValueError: for any other name.
+        ValueError: for any other name, or no ``multilabel``.
     """
     if name == "adversarial":
         discriminator = PatchDiscriminator(

@@ -7,6 +7,8 @@ from .label import (
     LabelFromDiscCup,
     LabelFromDiscCupd,
     LabelFromMasksd,
+    LabelFromNestedChannels,
+    LabelFromNestedChannelsd,
     NestedChannelsFromLabel,
     NestedChannelsFromLabeld,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "EnsureImageChannelsd",
     "LabelFromDiscCup",
     "LabelFromDiscCupd",
+    "LabelFromNestedChannels",
+    "LabelFromNestedChannelsd",
     "LabelFromMasksd",
     "NestedChannelsFromLabel",
     "NestedChannelsFromLabeld",

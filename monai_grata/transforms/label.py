@@ -15,6 +15,8 @@ __all__ = [
     "LabelFromDiscCup",
     "LabelFromDiscCupd",
     "LabelFromMasksd",
+    "LabelFromNestedChannels",
+    "LabelFromNestedChannelsd",
     "NestedChannelsFromLabel",
     "NestedChannelsFromLabeld",
 ]
@@ -124,12 +126,19 @@ class DiscCupFromLabeld(NestedChannelsFromLabeld):
         super().__init__(keys, allowed, allow_missing_keys, FUNDUS_STRUCTURES)
 
 
-class LabelFromDiscCup(Transform):
-    """The inverse of :class:`DiscCupFromLabel`: binary [optic disc, optic cup] channels to one label map.
+class LabelFromNestedChannels(Transform):
+    """The inverse of :class:`NestedChannelsFromLabel`: binary [outer structure, inner structure] channels to one
+    label map.
 
-    The output holds 0 background, 1 optic disc rim, 2 optic cup (cup pixels outside the disc count as
-    disc), the format of the input labels, as uint8 for writing PNG/NIfTI masks.
+    The output holds 0 background, 1 outer structure only, 2 inner structure (inner pixels outside the outer
+    structure count as inner), the format of the input labels, as uint8 for writing PNG/NIfTI masks.
+
+    Args:
+        structures: the names of the two channels, for the error message.
     """
+
+    def __init__(self, structures: tuple[str, str] = ("outer structure", "inner structure")) -> None:
+        self.structures = tuple(structures)
 
     def __call__(self, channels: torch.Tensor) -> torch.Tensor:
         """
@@ -140,14 +149,53 @@ class LabelFromDiscCup(Transform):
             A (1, *spatial) uint8 label map, keeping the input's metadata.
         """
         if channels.shape[0] != 2:
-            raise ValueError(f"expected 2 channels [optic disc, optic cup], got shape {tuple(channels.shape)}")
-        disc = channels[0] > 0.5
-        cup = channels[1] > 0.5
-        label = (disc | cup).to(torch.uint8) + cup.to(torch.uint8)
+            names = ", ".join(self.structures)
+            raise ValueError(f"expected 2 channels [{names}], got shape {tuple(channels.shape)}")
+        outer = channels[0] > 0.5
+        inner = channels[1] > 0.5
+        label = (outer | inner).to(torch.uint8) + inner.to(torch.uint8)
         return label[None]
 
 
-class LabelFromDiscCupd(MapTransform):
+class LabelFromNestedChannelsd(MapTransform):
+    """Dictionary version of :class:`LabelFromNestedChannels`.
+
+    Args:
+        keys: keys of the channel tensors to convert.
+        output_keys: keys to write the label maps to (default: in place).
+        allow_missing_keys: do not raise when a key is absent.
+        structures: the names of the two channels, for the error message.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_keys: KeysCollection | None = None,
+        allow_missing_keys: bool = False,
+        structures: tuple[str, str] = ("outer structure", "inner structure"),
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = (
+            self.keys if output_keys is None else tuple([output_keys] if isinstance(output_keys, str) else output_keys)
+        )
+        self.converter = LabelFromNestedChannels(structures)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.converter(d[key])
+        return d
+
+
+class LabelFromDiscCup(LabelFromNestedChannels):
+    """The inverse of :class:`DiscCupFromLabel`: binary [optic disc, optic cup] channels to one label map (0
+    background, 1 optic disc rim, 2 optic cup), as :class:`LabelFromNestedChannels` writes it."""
+
+    def __init__(self) -> None:
+        super().__init__(("optic disc", "optic cup"))
+
+
+class LabelFromDiscCupd(LabelFromNestedChannelsd):
     """Dictionary version of :class:`LabelFromDiscCup`.
 
     Args:
@@ -159,23 +207,13 @@ class LabelFromDiscCupd(MapTransform):
     def __init__(
         self, keys: KeysCollection, output_keys: KeysCollection | None = None, allow_missing_keys: bool = False
     ):
-        super().__init__(keys, allow_missing_keys)
-        self.output_keys = (
-            self.keys if output_keys is None else tuple([output_keys] if isinstance(output_keys, str) else output_keys)
-        )
-        self.converter = LabelFromDiscCup()
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key, out_key in self.key_iterator(d, self.output_keys):
-            d[out_key] = self.converter(d[key])
-        return d
+        super().__init__(keys, output_keys, allow_missing_keys, ("optic disc", "optic cup"))
 
 
 class LabelFromMasksd(MapTransform):
     """Two nested binary masks stored as separate files (e.g. spinal cord and gray matter) to one label map:
     0 background, 1 outer structure only (cord minus gray matter: white matter), 2 inner structure (gray matter),
-    the layout :class:`LabelFromDiscCup` writes. The mask entries are removed; an item without them is left as it
+    the layout :class:`LabelFromNestedChannels` writes. The mask entries are removed; an item without them is left as it
     is (e.g. one that already has a label map).
 
     Args:
@@ -188,7 +226,7 @@ class LabelFromMasksd(MapTransform):
         if len(self.keys) != 2:
             raise ValueError(f"expected two mask keys (outer, inner), got {self.keys}")
         self.label_key = label_key
-        self.converter = LabelFromDiscCup()
+        self.converter = LabelFromNestedChannels()
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from torch.profiler import record_function
 
 from .normalization import AdaptiveBatchNorm, BatchNormPolicy, convert_to_adaptive_batch_norm, track_test_statistics
 from .steps import AdaptationStep
+
+if TYPE_CHECKING:
+    from monai_grata.data.task import TaskSpec
 
 __all__ = [
     "NORM_LAYERS",
@@ -28,6 +32,7 @@ __all__ = [
     "build_adapter",
     "collect_norm_params",
     "register_adapter",
+    "require_multilabel",
 ]
 
 NORM_LAYERS = (
@@ -42,6 +47,19 @@ NORMALIZATION_OPTIONS = {"bn_prior": "prior", "bn_momentum": "momentum"}
 #: what ``adapter(x)`` returns: the prediction before or after the update on ``x``
 PREDICTION_ORDERS = ("before", "after")
 _REGISTRY: dict[str, type[TTAdapter]] = {}
+#: what to pass when an adapter does not know how its network's outputs are activated
+MULTILABEL_HINT = (
+    "pass multilabel=True for sigmoid multi-label outputs (one independent channel per structure) or "
+    "multilabel=False for softmax classes"
+)
+#: what an augmenting adapter needs on a volume whose in-plane axes it was not given (its slice axis is never guessed)
+VOLUME_AXES_HINT = (
+    "its in-plane axes are not known, and a guess could flip, turn, crop or blur along the slice axis. Pass "
+    "task=<a TaskSpec or a registered task name> to build_adapter, or the in-plane axes AXES yourself (e.g. "
+    "(-3, -2), the (H, W) of a batch (B, C, H, W, D)): views=weak_views(3, flip_axes=AXES, plane=AXES) to GraTa "
+    "and norm_select, with strong_transform=StrongIntensityAug(blur_axes=AXES) to GraTa (monai_grata.transforms); "
+    "plane=AXES to DUA and DeTTA"
+)
 logger = logging.getLogger(__name__)
 
 
@@ -88,8 +106,31 @@ def adapter_defaults(name: str) -> dict:
     return defaults
 
 
+def require_multilabel(multilabel: bool | None, owner: str, via_task: bool = True) -> bool:
+    """``multilabel`` as a bool, or a clear error when nobody said how the network's outputs are activated (no
+    task's default is assumed).
+
+    Args:
+        multilabel: the ``multilabel`` option (None: not given).
+        owner: the adapter's (or loss's) name, for the message.
+        via_task: whether the message also offers :func:`build_adapter`'s ``task`` (for adapters).
+
+    Raises:
+        ValueError: ``multilabel`` is None.
+    """
+    if multilabel is None:
+        task = ", or build_adapter(..., task=<a TaskSpec or a registered task name>)" if via_task else ""
+        raise ValueError(f"{owner} needs to know how the network's outputs are activated: {MULTILABEL_HINT}{task}")
+    return bool(multilabel)
+
+
 def build_adapter(
-    name: str, model: nn.Module, bn_prior: float | None = None, bn_momentum: float | None = None, **kwargs
+    name: str,
+    model: nn.Module,
+    bn_prior: float | None = None,
+    bn_momentum: float | None = None,
+    task: TaskSpec | str | None = None,
+    **kwargs,
 ) -> TTAdapter:
     """Wrap ``model`` in the adapter registered as ``name`` (e.g. ``"grata"``, ``"tent"``).
 
@@ -99,13 +140,22 @@ def build_adapter(
         bn_prior: the flat form of the policy's ``prior`` (:class:`~monai_grata.tta.BatchNormPolicy`), for adapters
             that take a ``normalization`` policy; None: the adapter's default.
         bn_momentum: likewise, the policy's ``momentum``.
+        task: the segmentation task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as
+            ``"fundus"``): it fills the options the task decides (:meth:`~monai_grata.data.TaskSpec.adapter_options`:
+            ``multilabel``, a volume's in-plane views, ...) that ``kwargs`` do not set. None: ``kwargs`` say all.
         kwargs: the adapter's constructor arguments.
 
     Raises:
         ValueError: an unknown name, ``bn_prior``/``bn_momentum`` for an adapter without a BatchNorm policy or
-            together with ``normalization``, or a bad policy.
+            together with ``normalization``, a bad policy, or no ``multilabel`` and no ``task`` for an adapter that
+            needs to know its outputs.
+        KeyError: an unknown task name.
     """
     cls = adapter_class(name)
+    if task is not None:
+        from monai_grata.data.task import resolve_task  # the data package imports transforms, not adapters
+
+        kwargs = {**resolve_task(task).adapter_options(cls, seed=kwargs.get("seed", 0)), **kwargs}
     flat = {k: v for k, v in (("bn_prior", bn_prior), ("bn_momentum", bn_momentum)) if v is not None}
     if flat:
         if not _takes_normalization(cls):

@@ -21,7 +21,7 @@ from monai_grata.networks.denoiser import (
     tap_features,
 )
 
-from .base import GradientAdapter, collect_norm_params, register_adapter
+from .base import VOLUME_AXES_HINT, GradientAdapter, collect_norm_params, register_adapter
 from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm
 from .steps import AdaptationStep
 
@@ -31,23 +31,37 @@ logger = logging.getLogger(__name__)
 
 
 def blind_spot(
-    x: torch.Tensor, mask_ratio: float = 0.1, window: int = 5, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    mask_ratio: float = 0.1,
+    window: int = 5,
+    generator: torch.Generator | None = None,
+    plane: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise2Void masking, as DeTTA's code does it: in every image and channel, ``mask_ratio`` · (number of pixels)
     positions drawn uniformly with replacement each take the value of a random pixel of the ``window``-wide
-    neighbourhood around them (offsets in [-window//2, window//2] per axis, wrapping at the borders; the offset may
-    be 0).
+    neighbourhood around them in ``plane`` (offsets in [-window//2, window//2] per in-plane axis, wrapping at the
+    borders; the offset may be 0). A neighbour never comes from another slice of a volume.
 
     Args:
-        x: images (B, C, *spatial).
+        x: images (B, C, H, W) or volumes (B, C, *spatial).
         mask_ratio: the share of positions masked (DeTTA: 0.1, its ``ratio`` 0.9 being the share kept).
         window: the neighbourhood's side, odd (DeTTA: 5).
         generator: the random generator (on ``x``'s device type).
+        plane: the two in-plane spatial axes, as negative axes (e.g. (-3, -2) for (B, C, H, W, D)); ``None``: the
+            last two axes of images (B, C, H, W).
 
     Returns:
         (masked images, mask) — the mask is 1 at the replaced positions, 0 elsewhere, shaped like ``x``.
+
+    Raises:
+        ValueError: a volume without ``plane``, or a ``plane`` that is not two different spatial axes.
     """
     b, c, *spatial = x.shape
+    if plane is None and len(spatial) != 2:
+        raise ValueError(f"blind_spot on a volume {tuple(x.shape)}: {VOLUME_AXES_HINT}")
+    moved = {len(spatial) + int(a) for a in (plane if plane is not None else (-2, -1))}
+    if len(moved) != 2 or not all(0 <= a < len(spatial) for a in moved):
+        raise ValueError(f"plane must be two different spatial axes of {tuple(x.shape)} as negative axes, got {plane}")
     n_pixels = math.prod(spatial)
     n = int(n_pixels * mask_ratio)
     flat = x.reshape(b * c, n_pixels)
@@ -55,11 +69,13 @@ def blind_spot(
     where = torch.randint(0, n_pixels, (b * c, n), **draw)
     neighbour = torch.zeros_like(where)
     stride, rest = 1, where
-    for size in reversed(spatial):  # unravel, shift and wrap each axis, ravel again
+    for axis in reversed(range(len(spatial))):  # unravel, shift in-plane axes and wrap, ravel again
+        size = spatial[axis]
         coord = rest % size
         rest = rest // size
-        shift = torch.randint(-(window // 2), window // 2 + 1, (b * c, n), **draw)
-        neighbour += ((coord + shift) % size) * stride
+        if axis in moved:
+            coord = (coord + torch.randint(-(window // 2), window // 2 + 1, (b * c, n), **draw)) % size
+        neighbour += coord * stride
         stride *= size
     masked = flat.clone().scatter_(1, where, flat.gather(1, neighbour))
     mask = torch.zeros_like(flat).scatter_(1, where, 1.0)
@@ -150,6 +166,8 @@ class DeTTA(GradientAdapter):
         normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
             ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
             None: the test image's own statistics.
+        plane: the in-plane axes the masked positions take their neighbours from (:func:`blind_spot`); ``None``: the
+            last two axes of images. A volume needs it (``build_adapter``'s ``task`` gives it).
     """
 
     stochastic = True  # the masks are random
@@ -164,6 +182,7 @@ class DeTTA(GradientAdapter):
         episodic: bool = False,
         seed: int = 0,
         normalization: BatchNormPolicy | None = None,
+        plane: tuple[int, int] | None = None,
     ) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
@@ -171,6 +190,7 @@ class DeTTA(GradientAdapter):
             raise ValueError(f"window must be odd and >= 3, got {window}")
         super().__init__(model, episodic=episodic, normalization=normalization)
         self.lr, self.mask_ratio, self.window, self.seed = float(lr), float(mask_ratio), int(window), int(seed)
+        self.plane = None if plane is None else (int(plane[0]), int(plane[1]))
         self.denoiser: DenoisingDecoder = resolve_denoiser(denoiser, model, self.seed)
         self._generator: torch.Generator | None = None
 
@@ -191,7 +211,7 @@ class DeTTA(GradientAdapter):
         return self._generator
 
     def adapt(self, x: torch.Tensor) -> DeTTAStep:
-        masked, mask = blind_spot(x, self.mask_ratio, self.window, self._random(x.device))
+        masked, mask = blind_spot(x, self.mask_ratio, self.window, self._random(x.device), self.plane)
         features = tap_features(self.model, masked, self.denoiser.layer, self.denoiser.tap)
         denoised = self.denoiser(features)
         if denoised.ndim < x.ndim and hasattr(self.model, "as_volumes"):  # a 2D network run slice by slice

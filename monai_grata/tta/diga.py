@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TTAdapter, register_adapter
+from .base import TTAdapter, register_adapter, require_multilabel
 from .features import FeatureTap
 from .losses import probabilities
 from .normalization import BatchNormPolicy
@@ -107,7 +107,8 @@ class DIGA(TTAdapter):
         tau: the temperature of the distance softmax.
         feature_layer: the layer whose input is the feature map (default: the last convolution).
         episodic: clear the running prototypes before every batch.
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
             ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`). None: DIGA's mixture, ``prior`` 4.
     """
@@ -124,9 +125,10 @@ class DIGA(TTAdapter):
         tau: float = 1.0,
         feature_layer: str | None = None,
         episodic: bool = False,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
         normalization: BatchNormPolicy | None = None,
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         for name, value in (("proto_rho", proto_rho), ("proto_lambda", proto_lambda), ("fusion_lambda", fusion_lambda)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -28,7 +28,7 @@ from torch import nn
 from monai_grata.data.checks import BadInputError, MissingInputError
 from monai_grata.networks.denoiser import tap_features
 
-from .base import GradientAdapter, register_adapter
+from .base import GradientAdapter, register_adapter, require_multilabel
 from .normalization import AdaptiveBatchNorm, BatchNormPolicy, adaptive_batch_norms, convert_to_adaptive_batch_norm
 from .steps import AdaptationStep
 
@@ -712,7 +712,8 @@ class DLTTA(GradientAdapter):
         image_adaptor: add the authors' image-level adaptor (see above).
         adaptor_layers: the layers whose outputs are adapted (default: :func:`find_dltta_layers`).
         key_layer: the layer whose output is the memory key (default: :func:`find_dltta_layers`).
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         episodic: reset adaptor, statistics and bank before every batch (then every batch is a first image: lr 0).
         seed: seed of the orthogonality term's random vectors, drawn from a generator of their own (the authors' from
             the global random state), and of untrained autoencoders.
@@ -734,10 +735,11 @@ class DLTTA(GradientAdapter):
         image_adaptor: bool = False,
         adaptor_layers: Sequence[str] | None = None,
         key_layer: str | None = None,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
         episodic: bool = False,
         seed: int = 0,
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         if not 1 <= k < memory_size:
             raise ValueError(f"need 1 <= k < memory_size, got k={k}, memory_size={memory_size}")
         if ensemble not in ENSEMBLES:

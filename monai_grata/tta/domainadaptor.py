@@ -14,14 +14,14 @@ import math
 import torch
 from torch import nn
 
-from .base import GradientAdapter, register_adapter
+from .base import GradientAdapter, register_adapter, require_multilabel
 from .normalization import batch_norm_layers, replace_batch_norms
 from .steps import AdaptationStep
 
 __all__ = ["AdaMixBatchNorm", "DomainAdaptor", "DomainAdaptorStep", "ada_mix_batch_norm", "generalized_entropy_loss"]
 
 
-def generalized_entropy_loss(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor:
+def generalized_entropy_loss(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """GEM-T (DomainAdaptor Eq. 9, ``Losses.GEM_T``, models/DomainAdaptor.py l. 122-127): the logits centred over
     the classes and divided by a temperature T = 2 · their standard deviation over the classes (unbiased; both
     without gradient), entropy H of that softmax, times T².
@@ -231,7 +231,8 @@ class DomainAdaptor(GradientAdapter):
         lr: SGD learning rate (the authors' 1e-3).
         momentum: SGD momentum (0; the authors' ``--online`` uses 0.9).
         episodic: reset to the source weights before every batch (the authors' default: True).
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         mix_lambda: a fixed source weight for every layer (None: AdaMixBN's lambda per batch, the default).
     """
 
@@ -241,9 +242,10 @@ class DomainAdaptor(GradientAdapter):
         lr: float = 1e-3,
         momentum: float = 0.0,
         episodic: bool = True,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
         mix_lambda: float | None = None,
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         self.lr, self.momentum, self.multilabel = float(lr), float(momentum), multilabel
         self.mix_lambda = None if mix_lambda is None else float(mix_lambda)
         super().__init__(model, episodic=episodic)

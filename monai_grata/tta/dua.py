@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_grata.transforms.views import IN_PLANE_3D, LAST_PLANE
+from monai_grata.transforms.views import LAST_PLANE
 
-from .base import TTAdapter, register_adapter
+from .base import VOLUME_AXES_HINT, TTAdapter, register_adapter
 from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm, update_running_statistics
 from .steps import AdaptationStep
 
@@ -21,11 +21,13 @@ __all__ = ["DUA", "DUAStep", "dua_copies"]
 
 def _in_plane_axes(image: torch.Tensor, plane: tuple[int, int] | None) -> tuple[int, int]:
     """The two in-plane axes of one image as negative axes: ``plane``, or by default the last two axes of a
-    (C, H, W) image and :data:`~monai_grata.transforms.views.IN_PLANE_3D` of a (C, H, W, D) volume."""
+    (C, H, W) image; a volume's are never guessed."""
     if image.ndim not in (3, 4):
         raise ValueError(f"expected one image (C, H, W) or one volume (C, H, W, D), got shape {tuple(image.shape)}")
     if plane is None:
-        return LAST_PLANE if image.ndim == 3 else IN_PLANE_3D
+        if image.ndim == 4:
+            raise ValueError(f"DUA on a volume {tuple(image.shape)}: {VOLUME_AXES_HINT}")
+        return LAST_PLANE
     if len(plane) != 2:
         raise ValueError(f"plane must be two spatial axes, got {plane}")
     axes = []
@@ -59,8 +61,11 @@ def dua_copies(
         n: the number of copies.
         generator: the random generator (on the image's device's type, CPU for a CPU image).
         pad_fraction: the padding of the random crop, as a fraction of the plane's shorter side.
-        plane: the two in-plane axes of ``image`` (not its channel axis 0); default: the last two axes of an image,
-            :data:`~monai_grata.transforms.views.IN_PLANE_3D` (H, W) of a volume.
+        plane: the two in-plane axes of ``image`` (not its channel axis 0), e.g. (-3, -2) for (H, W) of (C, H, W, D);
+            default: the last two axes of an image (a volume needs it).
+
+    Raises:
+        ValueError: a volume without ``plane``, or a bad ``plane``.
     """
     rows, cols = _in_plane_axes(image, plane)
     h, w = image.shape[rows], image.shape[cols]
@@ -121,8 +126,8 @@ class DUA(TTAdapter):
         min_momentum: the floor added to the decayed momentum.
         pad_fraction: the random crop's padding as a fraction of the shorter in-plane side (DUA: 4 of 32 pixels).
         plane: the two axes of each image (C, *spatial) that the copies are cropped, flipped and rotated in;
-            ``None``: the last two axes of a 2D image (C, H, W), the axial plane (H, W) of a volume (C, H, W, D)
-            (:data:`~monai_grata.transforms.views.IN_PLANE_3D`), so the slice axis D is never augmented.
+            ``None``: the last two axes of a 2D image (C, H, W); a volume needs it (``build_adapter``'s ``task``
+            gives it), so its slice axis is never augmented.
         max_updates: how many test images (since the source, or the last reset) update the statistics, counted per
             sample of a batch (each patch, in patch adaptation); ``None``: every image.
         episodic: reset to the source statistics (and the momentum schedule) before every batch.

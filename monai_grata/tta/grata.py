@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from monai_grata.transforms import WEAK_VIEWS, WEAK_VIEWS_3D, StrongIntensityAug, WeakViews
+from monai_grata.transforms import WEAK_VIEWS, StrongIntensityAug, WeakViews
 
-from .base import GradientAdapter, register_adapter
+from .base import VOLUME_AXES_HINT, GradientAdapter, register_adapter, require_multilabel
 from .losses import consistency_loss, entropy_loss, probabilities
 from .normalization import BatchNormPolicy, per_group_batch_norm
 from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
@@ -89,10 +89,11 @@ class GraTa(GradientAdapter):
         strong_transform: a callable on a batch tensor giving the strong view; default
             :class:`~monai_grata.transforms.StrongIntensityAug` seeded with ``seed``.
         episodic: reset to the source weights before every batch (default: continual).
-        multilabel: sigmoid multi-label outputs (fundus) or softmax multi-class outputs (False).
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         views: the weak views, as :class:`~monai_grata.transforms.WeakViews` takes them; ``None``: GraTa's six
-            views for images (B, C, H, W), :data:`~monai_grata.transforms.WEAK_VIEWS_3D` for volumes
-            (B, C, H, W, D): flips along each axis and quarter turns in the axial plane (H, W).
+            views for images (B, C, H, W). A volume (B, C, H, W, D) needs ``views`` and ``strong_transform`` that
+            keep to its in-plane axes (``build_adapter``'s ``task`` gives them); without them it is an error.
         seed: seed of the default strong augmentation.
         batch_views: forward the weak views as one batch with per-view BatchNorm statistics (True) or one
             view at a time (False; same result, slower, for comparison).
@@ -151,7 +152,7 @@ class GraTa(GradientAdapter):
         dynamic_lr: bool = True,
         strong_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         episodic: bool = False,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
         views: Sequence | None = None,
         seed: int = 0,
         batch_views: bool = True,
@@ -167,6 +168,7 @@ class GraTa(GradientAdapter):
         no_grad_dtype: str | None = None,
         teacher_channels_last: bool = False,
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         for name, value in (("aux", aux), ("pseudo", pseudo)):
             if value not in LOSSES:
                 raise ValueError(f"{name} must be one of {LOSSES}, got {value!r}")
@@ -202,11 +204,18 @@ class GraTa(GradientAdapter):
         super().__init__(model, episodic=episodic, normalization=normalization)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
         self.views = WeakViews(WEAK_VIEWS if views is None else views)
-        self.views_3d = WeakViews(WEAK_VIEWS_3D if views is None else views)
+        self.volume_axes_given = views is not None and strong_transform is not None
 
     def weak_views(self, x: torch.Tensor) -> WeakViews:
-        """The weak views of ``x``: :attr:`views` for images, :attr:`views_3d` for volumes (B, C, H, W, D)."""
-        return self.views_3d if x.ndim == 5 else self.views
+        """The weak views of ``x`` (:attr:`views`).
+
+        Raises:
+            ValueError: a volume (B, C, H, W, D) and no ``views`` or ``strong_transform`` given: the defaults would
+                flip and blur its slice axis.
+        """
+        if x.ndim == 5 and not self.volume_axes_given:
+            raise ValueError(f"GraTa on a volume {tuple(x.shape)}: {VOLUME_AXES_HINT}")
+        return self.views
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         # One Adam for every device, its lr set as a float before each step. A capturable Adam would keep the

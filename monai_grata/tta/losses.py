@@ -15,7 +15,7 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
-def entropy_loss(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor:
+def entropy_loss(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """Mean over pixels of ``-sum_c p_c log(p_c + 1e-6)`` (GraTa Eq. 1; only the p·log p term for sigmoid).
 
     Args:
@@ -26,9 +26,7 @@ def entropy_loss(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor:
     return -(p * torch.log(p + _LOG_EPS)).sum(dim=1).mean()
 
 
-def consistency_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, multilabel: bool = True
-) -> torch.Tensor:
+def consistency_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """Consistency of a student prediction with teacher probabilities (GraTa Eq. 2).
 
     Sigmoid: binary cross-entropy with logits, averaged over all elements. Softmax: soft cross-entropy

@@ -29,7 +29,8 @@ class MedBN(Tent):
         model: the source network (adapted in place).
         lr: Adam learning rate.
         episodic: reset to the source weights before every batch.
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         normalization: the prior and momentum (:class:`~monai_grata.tta.BatchNormPolicy`; its statistic is always
             the median): ``prior`` 0 (the paper: the batch's median statistics alone) or N > 0 (mixed with the
             source statistics, the source counted as N samples).

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from monai_grata.transforms import WEAK_VIEWS_3D, WeakViews
+from monai_grata.transforms import WeakViews
 
-from .base import TTAdapter, register_adapter
+from .base import VOLUME_AXES_HINT, TTAdapter, register_adapter, require_multilabel
 from .losses import entropy_loss, probabilities
 from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm, per_group_batch_norm
 from .steps import AdaptationStep
@@ -45,7 +45,8 @@ class BatchNormStatistics(TTAdapter):
 
     Args:
         model: the source network (configured in place).
-        episodic: accepted for a uniform interface; there is no state to reset.
+        episodic: put the source prior back before every batch; it matters only for a prior that follows the
+            stream (``momentum`` > 0), the one state this method keeps.
         normalization: the :class:`~monai_grata.tta.BatchNormPolicy`: ``prior`` 0 (test statistics only), N > 0
             (source prior of strength N), ``math.inf`` (source statistics).
     """
@@ -66,7 +67,7 @@ class SelectedBatchNormStatistics(TTAdapter):
     Costs one forward per candidate plus the prediction.
 
     With ``criterion="consistency"`` the candidate whose weak views (GraTa's flips and rotations, each with its
-    own statistics, mapped back; for volumes :data:`~monai_grata.transforms.WEAK_VIEWS_3D`) agree best is chosen
+    own statistics, mapped back; ``views`` for volumes) agree best is chosen
     instead: the mean over pixels of the variance of the views' probabilities; one forward per view and candidate.
 
     After each call ``last_step`` (a :class:`NormStep`) holds ``prior`` (the chosen N) and ``loss_aux`` (its criterion
@@ -76,8 +77,10 @@ class SelectedBatchNormStatistics(TTAdapter):
         model: the source network (configured in place).
         priors: the candidate prior strengths N (≥ 0; ``math.inf`` allowed).
         criterion: ``"entropy"`` (the most confident prediction) or ``"consistency"`` (the most view-consistent).
-        episodic: accepted for a uniform interface; there is no state to reset.
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
+        views: the weak views of the consistency criterion (:class:`~monai_grata.transforms.WeakViews`); ``None``:
+            GraTa's six views for images. A volume needs views in its plane (``build_adapter``'s ``task`` gives them).
     """
 
     def __init__(
@@ -85,23 +88,26 @@ class SelectedBatchNormStatistics(TTAdapter):
         model: nn.Module,
         priors: Sequence[float] = (math.inf, 64.0, 16.0, 4.0, 0.0),
         criterion: str = "entropy",
-        episodic: bool = False,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
+        views: Sequence | None = None,
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         priors = [float(p) for p in priors]
         if not priors or any(not p >= 0 for p in priors):
             raise ValueError(f"priors must be a non-empty list of numbers >= 0 (inf allowed), got {priors}")
         if criterion not in ("entropy", "consistency"):
             raise ValueError(f"criterion must be 'entropy' or 'consistency', got {criterion!r}")
         self.priors, self.criterion, self.multilabel = priors, criterion, multilabel
-        self.views, self.views_3d = WeakViews(), WeakViews(WEAK_VIEWS_3D)
-        super().__init__(model, episodic=episodic, normalization=BatchNormPolicy(prior=math.inf))
+        self.views, self.views_given = WeakViews() if views is None else WeakViews(views), views is not None
+        super().__init__(model, normalization=BatchNormPolicy(prior=math.inf))  # no state kept: never episodic
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """The criterion of the current prior on ``x`` (lower is better)."""
         if self.criterion == "entropy":
             return entropy_loss(self.model(x), self.multilabel)
-        views = self.views_3d if x.ndim == 5 else self.views
+        if x.ndim == 5 and not self.views_given:
+            raise ValueError(f"norm_select's consistency on a volume {tuple(x.shape)}: {VOLUME_AXES_HINT}")
+        views = self.views
         with per_group_batch_norm(self.model, views.num_views):
             logits = self.model(views(x))
         return views.inverse(probabilities(logits, self.multilabel)).var(dim=0, correction=0).mean()

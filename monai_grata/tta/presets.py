@@ -7,10 +7,12 @@ Presets: ``inference.json --method default`` (the shipped default), ``--method p
 Precedence (:func:`resolve_method`), lowest first:
 
 1. the adapter constructor's own defaults;
-2. the preset's options (``--method default`` sets ``beta`` 1e-3, ``steps`` 3, ...);
-3. the bundle config's explicit choices for that adapter (its ``adapter_kwargs``, e.g. ``multilabel: false``
-   for a softmax network), which never restate a constructor default;
-4. what the user passed on the command line (``--beta 1e-4``), or as keyword arguments to
+2. what the task decides (:meth:`~monai_grata.data.TaskSpec.adapter_options`: ``multilabel``, a volume's in-plane
+   views, DUA's plane, the strong view's blur axes), when the run names its task;
+3. the preset's options (``--method default`` sets ``beta`` 1e-3, ``steps`` 3, ...);
+4. the bundle config's explicit choices for that adapter (its ``adapter_kwargs``, e.g. ``n_augmentations: 16``),
+   which never restate a constructor default or what the task decides;
+5. what the user passed on the command line (``--beta 1e-4``), or as keyword arguments to
    :class:`~monai_grata.handlers.TTAHandler`.
 
 An option the user did not set is ``None`` (the bundle configs' top-level options are ``null``) and takes no part;
@@ -24,8 +26,12 @@ them in the bundle config's ``adapter_kwargs``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from .base import adapter_defaults
+from .base import adapter_class, adapter_defaults, adapter_names
+
+if TYPE_CHECKING:
+    from monai_grata.data.task import TaskSpec
 
 __all__ = ["PRESETS", "effective_options", "resolve_method"]
 
@@ -50,15 +56,20 @@ def resolve_method(
     method: str,
     adapter_kwargs: Mapping[str, Mapping] | None = None,
     overrides: Mapping | None = None,
+    task: TaskSpec | str | None = None,
 ) -> tuple[str, dict]:
     """The registered adapter name and the constructor options for ``method``, by the module's precedence rule:
-    preset < the bundle's ``adapter_kwargs`` for that adapter < ``overrides`` that are not ``None``.
+    the task's options < preset < the bundle's ``adapter_kwargs`` for that adapter < ``overrides`` that are not
+    ``None``.
 
     Args:
         method: a preset name (``"default"``, ``"paper"``, ``"grata_gated"``, ``"source_prior"``) or a registered
             adapter name (``"grata"``, ...).
         adapter_kwargs: per registered name, the options the bundle config chooses.
         overrides: the options the user passed (on the command line); ``None`` values mean "not set".
+        task: the run's task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as ``"spinalcord"``):
+            fills what it decides for the adapter (its strong view seeded with the resolved ``seed``). None: no
+            task's options (the adapter then needs ``multilabel`` from the other layers).
 
     Returns:
         (adapter name, options) for :func:`~monai_grata.tta.build_adapter`: only the options someone set, so the
@@ -68,7 +79,13 @@ def resolve_method(
     name = preset["method"]
     configured = dict((adapter_kwargs or {}).get(name, {}))
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
-    return name, {**preset["options"], **configured, **given}
+    options = {**preset["options"], **configured, **given}
+    if task is None or name not in adapter_names():  # "none" (no adaptation) has no options
+        return name, options
+    from monai_grata.data.task import resolve_task  # the data package imports transforms, not adapters
+
+    decided = resolve_task(task).adapter_options(adapter_class(name), seed=options.get("seed", 0))
+    return name, {**decided, **options}
 
 
 def effective_options(name: str, options: Mapping) -> dict:

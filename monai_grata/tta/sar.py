@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GradientAdapter, register_adapter
+from .base import GradientAdapter, register_adapter, require_multilabel
 from .normalization import BatchNormPolicy
 from .steps import AdaptationStep
 
@@ -20,7 +20,7 @@ __all__ = ["SAR", "SARStep", "pixel_entropy"]
 AUTHORS_RESET_FRACTION = 0.2 / math.log(1000)
 
 
-def pixel_entropy(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor:
+def pixel_entropy(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """The entropy of each prediction: (B, C, *spatial) binary entropies of the channels (sigmoid), or
     (B, *spatial) entropies of the class distribution (softmax).
 
@@ -100,7 +100,8 @@ class SAR(GradientAdapter):
         reset_constant: the loss average below which the model is reset, as a fraction of ln K (0: never).
         ema: the decay of the loss average.
         episodic: reset to the source weights before every batch.
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
             ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
             None: the test batch's own statistics.
@@ -118,10 +119,11 @@ class SAR(GradientAdapter):
         reset_constant: float = AUTHORS_RESET_FRACTION,
         ema: float = 0.9,
         episodic: bool = False,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
         normalization: BatchNormPolicy | None = None,
         predict: str = "before",
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         if not rho >= 0 or not margin > 0 or not reset_constant >= 0 or not 0 <= ema < 1:
             raise ValueError(
                 f"need rho >= 0, margin > 0, reset_constant >= 0 and 0 <= ema < 1, got {rho}, {margin}, "

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .base import GradientAdapter, register_adapter
+from .base import GradientAdapter, register_adapter, require_multilabel
 from .losses import entropy_loss
 from .normalization import BatchNormPolicy
 from .steps import AdaptationStep
@@ -38,7 +38,8 @@ class Tent(GradientAdapter):
         model: the source network (adapted in place).
         lr: Adam learning rate (1e-4 in GraTa's benchmark).
         episodic: reset to the source weights before every batch.
-        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs.
+        multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
+            ``task`` fills it).
         normalization: how BatchNorm normalises (:class:`~monai_grata.tta.BatchNormPolicy`; the flat options
             ``bn_prior``/``bn_momentum`` of :func:`~monai_grata.tta.build_adapter`).
             None: the test batch's own statistics.
@@ -51,10 +52,11 @@ class Tent(GradientAdapter):
         model: nn.Module,
         lr: float = 1e-4,
         episodic: bool = False,
-        multilabel: bool = True,
+        multilabel: bool | None = None,
         normalization: BatchNormPolicy | None = None,
         predict: str = "before",
     ) -> None:
+        multilabel = require_multilabel(multilabel, type(self).__name__)
         self.lr, self.multilabel = float(lr), multilabel
         super().__init__(model, episodic=episodic, normalization=normalization, predict=predict)
 

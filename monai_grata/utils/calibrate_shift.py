@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from monai_grata.data import report_bad_input_briefly
+    from monai_grata.data import exit_on_bad_input
 
-    report_bad_input_briefly()
-    main()
+    with exit_on_bad_input():  # a bad input ends the command with one line, no traceback
+        main()

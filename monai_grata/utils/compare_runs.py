@@ -12,10 +12,19 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
-__all__ = ["adapter_options", "collect_runs", "domains", "find_run", "format_table", "param_applies"]
+__all__ = [
+    "adapter_options",
+    "collect_runs",
+    "default_metrics",
+    "domains",
+    "find_run",
+    "format_table",
+    "param_applies",
+]
 
 DEFAULT_PARAMS = ("method", "source", "target", "alignment", "harmonization", "beta", "seed", "image_size")
-DEFAULT_METRICS = ("dice_od", "dice_oc", "dice_mean", "no_adapt_dice_mean", "assd_mean", "val_mean_dice")
+#: the metrics shown after the runs' per-channel Dice by default (a column no run has is left out)
+SUMMARY_METRICS = ("dice_mean", "no_adapt_dice_mean", "assd_mean", "val_mean_dice")
 
 
 def _tracking_uri(location: str) -> str:
@@ -103,6 +112,22 @@ def _per_domain(metric: str, domain: str) -> str:
     return f"{domain}/{metric}"
 
 
+def default_metrics(rows: Sequence[dict]) -> list[str]:
+    """The metrics to show when none are named: the per-channel Dice the runs logged (``dice_<channel>``, whatever
+    their task's channels: ``dice_od`` for fundus, ``dice_gm`` for the spinal cord), then :data:`SUMMARY_METRICS`.
+
+    Args:
+        rows: runs, as :func:`collect_runs` returns them.
+    """
+    channels: list[str] = []
+    for row in rows:
+        for key in row:
+            name = key[len("metrics.") :] if key.startswith("metrics.") else ""
+            if name.startswith("dice_") and name != "dice_mean" and "/" not in name and name not in channels:
+                channels.append(name)
+    return channels + list(SUMMARY_METRICS)
+
+
 def find_run(rows: Sequence[dict], name: str) -> dict:
     """The run whose name or id (or a unique id prefix) is ``name``.
 
@@ -177,13 +202,14 @@ def main() -> None:
     parser.add_argument("locations", nargs="+", help="output folders with mlflow.db, .db files or tracking URIs")
     parser.add_argument("--experiment", default=None, help="keep only this experiment")
     parser.add_argument("--params", nargs="*", default=list(DEFAULT_PARAMS))
-    parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
+    parser.add_argument("--metrics", nargs="*", default=None, help="default: each run's dice_<channel>, dice_mean, ...")
     parser.add_argument("--history", nargs="*", default=[], help="per-step metrics to summarise (min/median/max)")
     parser.add_argument("--baseline", default=None, help="a run name or id: add a delta column per metric")
     parser.add_argument("--no_per_domain", action="store_true", help="leave out the per-domain metric columns")
     args = parser.parse_args()
-    metrics = args.metrics + [f"{h}_{stat}" for h in args.history for stat in ("min", "median", "max")]
     rows = collect_runs(args.locations, args.experiment, args.history)
+    named = default_metrics(rows) if args.metrics is None else args.metrics
+    metrics = named + [f"{h}_{stat}" for h in args.history for stat in ("min", "median", "max")]
     try:
         print(format_table(rows, args.params, metrics, baseline=args.baseline, per_domain=not args.no_per_domain))
     except ValueError as err:
