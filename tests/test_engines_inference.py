@@ -91,11 +91,11 @@ def test_job_adapter_builds_the_resolved_method_or_none():
 
 
 def test_run_params_are_what_ran():
-    params = run_params("default", resolve_method("default", {}, {"beta": 1e-4}), source="s", seed=3)
-    assert params["method"] == "default" and params["adapter"] == "grata"
+    params = run_params("grata_gated", resolve_method("grata_gated", {}, {"beta": 1e-4}), source="s", seed=3)
+    assert params["method"] == "grata_gated" and params["adapter"] == "grata"
     assert params["beta"] == 1e-4 and params["steps"] == 3 and params["min_shift"] == 0.18
     assert params["aux"] == "entropy" and params["seed"] == 3 and params["source"] == "s"
-    assert run_params("default", resolve_method("default"))["beta"] == 1e-3
+    assert run_params("grata_gated", resolve_method("grata_gated"))["beta"] == 1e-3
     none = run_params("none", resolve_method("none"), source="s")
     assert none == {"method": "none", "adapter": "none", "source": "s"}
     objects = run_params("grata", ("grata", {"views": [(abs, abs)], "radius": None}))

@@ -1,8 +1,15 @@
+import os
+
 import pytest
 from monai.networks.nets import UNet
 
-from monai_grata.tta import PRESETS, adapter_names, build_adapter, effective_options, resolve_method
+from monai_grata.data.checks import MissingInputError
+from monai_grata.tta import CALIBRATED, PRESETS, adapter_names, build_adapter, effective_options, resolve_method
 
+from .conftest import REPO_ROOT
+
+#: a shipped model with its calibration file (``source_refuge_train.shift.json``: min_shift 0.152551)
+CKPT = os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt")
 KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False}}
 
 
@@ -19,22 +26,28 @@ def test_paper_preset_is_grata_with_the_bundle_settings_and_method_names_pass_th
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_sets_its_own_options(name):
-    method, options = resolve_method(name)
+    method, options = resolve_method(name, ckpt_path=CKPT)
     assert method == PRESETS[name]["method"]
-    assert {k: options[k] for k in PRESETS[name]["options"]} == PRESETS[name]["options"]
+    preset = {k: v for k, v in PRESETS[name]["options"].items() if v != CALIBRATED}
+    assert {k: options[k] for k in preset} == preset
 
 
-def test_the_default_is_the_gated_grata_and_source_prior_the_statistics_alone():
-    assert PRESETS["default"] == PRESETS["grata_gated"]
+def test_the_default_is_the_gated_grata_on_the_model_calibration_and_source_prior_the_statistics_alone():
+    assert PRESETS["default"]["options"] == {**PRESETS["grata_gated"]["options"], "min_shift": CALIBRATED}
+    assert resolve_method("default", ckpt_path=CKPT)[1]["min_shift"] == 0.152551
+    with pytest.raises(ValueError, match="ckpt_path"):
+        resolve_method("default")
+    with pytest.raises(MissingInputError, match="calibrate_shift"):
+        resolve_method("default", ckpt_path=os.path.join(REPO_ROOT, "no_such_model.pt"))
     assert resolve_method("source_prior", KWARGS) == ("norm", {"bn_prior": 256.0, "episodic": False})
 
 
-@pytest.mark.parametrize("name", ["default", "grata_gated"])
-def test_the_gated_preset_builds_a_gated_grata(name):
-    method, options = resolve_method(name, {"grata": {"seed": 1}}, task="fundus")
+@pytest.mark.parametrize("name, threshold", [("default", 0.152551), ("grata_gated", 0.18)])
+def test_the_gated_preset_builds_a_gated_grata(name, threshold):
+    method, options = resolve_method(name, {"grata": {"seed": 1}}, task="fundus", ckpt_path=CKPT)
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
-    assert (adapter.min_shift, adapter.steps, adapter.beta, adapter.multilabel) == (0.18, 3, 1e-3, True)
+    assert (adapter.min_shift, adapter.steps, adapter.beta, adapter.multilabel) == (threshold, 3, 1e-3, True)
 
 
 def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
@@ -61,12 +74,12 @@ def test_the_task_sits_just_above_the_constructor_defaults():
 
 def test_a_value_equal_to_the_constructor_default_still_wins_over_the_preset():
     # --method default --beta 1e-4: 1e-4 is GraTa's own default, and still what runs
-    assert resolve_method("default", {}, {"beta": 1e-4})[1]["beta"] == 1e-4
-    assert resolve_method("default", {}, {"beta": None})[1]["beta"] == 1e-3
+    assert resolve_method("default", {}, {"beta": 1e-4}, ckpt_path=CKPT)[1]["beta"] == 1e-4
+    assert resolve_method("default", {}, {"beta": None}, ckpt_path=CKPT)[1]["beta"] == 1e-3
     assert resolve_method("default", {"grata": {"min_shift": None}})[1]["min_shift"] is None  # the bundle's choice
 
 
 def test_effective_options_are_the_constructor_defaults_updated():
-    options = effective_options("grata", resolve_method("default")[1])
+    options = effective_options("grata", resolve_method("default", ckpt_path=CKPT)[1])
     assert options["beta"] == 1e-3 and options["steps"] == 3 and options["aux"] == "entropy"
     assert effective_options("grata", {})["beta"] == 1e-4 and "model" not in options

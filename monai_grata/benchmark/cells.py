@@ -19,7 +19,15 @@ from torch import nn
 
 from monai_grata.data import TaskSpec, domain_datalist, split_train_val
 from monai_grata.handlers.surface_distance import voxel_spacing
-from monai_grata.tta import PRESETS, AdaptationStep, PatchAdaptation, adapter_class, build_adapter, resolve_method
+from monai_grata.tta import (
+    PRESETS,
+    AdaptationStep,
+    PatchAdaptation,
+    adapter_class,
+    build_adapter,
+    calibrated_options,
+    resolve_method,
+)
 from monai_grata.utils.per_image import finite_mean
 
 from .bundle import DEFAULT_BUNDLE, BundleSetup, bundle_setup
@@ -94,9 +102,8 @@ def parse_method(text: str) -> MethodSpec:
             raise ValueError(f"method option {part!r} in {text!r} is not key=value")
         options[key.strip()] = _parse_value(value)
     name = name.strip()
-    if name in PRESETS:
-        name, preset_options = resolve_method(name)
-        options = {**preset_options, **options}
+    if name in PRESETS:  # its options as the preset names them (min_shift="calibrated" is resolved per cell)
+        name, options = PRESETS[name]["method"], {**PRESETS[name]["options"], **options}
     return MethodSpec(name, options)
 
 
@@ -186,11 +193,12 @@ def _score(logits: torch.Tensor, item: dict, task: TaskSpec) -> tuple[torch.Tens
     return dice.cpu(), assd.cpu()
 
 
-def _build_adapter(cell: Cell, model: nn.Module, task: TaskSpec):
+def _build_adapter(cell: Cell, model: nn.Module, task: TaskSpec, ckpt_path: str):
     """The cell's adapter around ``model``: the task's options (``multilabel``, the volume's in-plane views, ...),
-    then the method's own, which win; ``seed`` is the cell's unless the method sets one."""
+    then the method's own, which win (``min_shift="calibrated"``: the threshold calibrated for ``ckpt_path``);
+    ``seed`` is the cell's unless the method sets one."""
     cls = adapter_class(cell.method.name)
-    options = {**task.adapter_options(cls, seed=cell.seed), **cell.method.options}
+    options = {**task.adapter_options(cls, seed=cell.seed), **calibrated_options(cell.method.options, ckpt_path)}
     if "seed" in inspect.signature(cls).parameters:
         options.setdefault("seed", cell.seed)
     return build_adapter(cell.method.name, model, **options)
@@ -234,7 +242,7 @@ def predict_stream(
         model.eval()
         adapter = predict = None
     else:
-        adapter = _build_adapter(cell, model, setup.task)
+        adapter = _build_adapter(cell, model, setup.task, ckpt_path)
         if setup.sliding_window:
             patches = PatchAdaptation(adapter, setup.inferer.roi_size, setup.num_patches, setup.inferer.overlap)
             predict = lambda x: patches(x, setup.inferer)  # noqa: E731

@@ -59,6 +59,8 @@ class TTAHandler:
         num_patches: patches per volume in patch adaptation.
         task: the segmentation task (a :class:`~monai_grata.data.TaskSpec` or a registered name), which fills the
             built adapter's ``multilabel`` and a volume's in-plane views (:func:`~monai_grata.tta.resolve_method`).
+        ckpt_path: the source checkpoint the network was loaded from, whose calibration file gives a method's
+            ``min_shift="calibrated"`` (the ``default`` preset's gate) its threshold.
         adapter_kwargs: the adapter's constructor arguments.
     """
 
@@ -71,10 +73,11 @@ class TTAHandler:
         patch_adaptation: bool | None = None,
         num_patches: int = 4,
         task: TaskSpec | str | None = None,
+        ckpt_path: str | None = None,
         **adapter_kwargs: Any,
     ) -> None:
         self.adapter, self.method, self.network, self.adapter_kwargs = adapter, method, network, adapter_kwargs
-        self.task = task
+        self.task, self.ckpt_path = task, ckpt_path
         self.reset_key, self.patch_adaptation, self.num_patches = reset_key, patch_adaptation, num_patches
         self.patches: PatchAdaptation | None = None
         self.history: list[AdaptationStep] = []
@@ -95,7 +98,9 @@ class TTAHandler:
             target = self.network if self.network is not None else network
             if target is None:
                 raise ValueError("no network to adapt: pass `adapter` or `network`, or attach to a SupervisedEvaluator")
-            name, options = resolve_method(self.method, overrides=self.adapter_kwargs, task=self.task)
+            name, options = resolve_method(
+                self.method, overrides=self.adapter_kwargs, task=self.task, ckpt_path=self.ckpt_path
+            )
             self.adapter = build_adapter(name, target, **options)
         if network is not None and network is not self.adapter.model:
             raise ValueError("the adapter must wrap the evaluator's own network object, or its forward sees no update")

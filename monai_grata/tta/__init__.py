@@ -35,7 +35,7 @@ from .normalization import (
     update_running_statistics,
 )
 from .patches import PatchAdaptation, patch_positions, sample_patches
-from .presets import PRESETS, effective_options, resolve_method
+from .presets import CALIBRATED, PRESETS, calibrated_options, effective_options, resolve_method
 from .sar import SAR, SARStep, pixel_entropy
 from .shift import SettleSchedule, batch_norm_shift, record_batch_norm_shift
 from .steps import AdaptationStep
@@ -77,6 +77,7 @@ __all__ = [
     "BatchNormStatistics",
     "SelectedBatchNormStatistics",
     "NORM_LAYERS",
+    "CALIBRATED",
     "PRESETS",
     "GraTa",
     "TTAdapter",
@@ -84,6 +85,7 @@ __all__ = [
     "adapter_class",
     "adapter_names",
     "build_adapter",
+    "calibrated_options",
     "collect_norm_params",
     "consistency_loss",
     "entropy_loss",

@@ -29,25 +29,31 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .base import adapter_class, adapter_defaults, adapter_names
+from .calibration import read_shift_threshold
 
 if TYPE_CHECKING:
     from monai_grata.data.task import TaskSpec
 
-__all__ = ["PRESETS", "effective_options", "resolve_method"]
+__all__ = ["CALIBRATED", "PRESETS", "calibrated_options", "effective_options", "resolve_method"]
 
 #: preset name -> the registered method it runs and the options it fixes (over the constructor's defaults).
 #: ``paper``: GraTa exactly as the paper and the authors' code run it (the same as ``--method grata``).
-#: ``default`` (= ``grata_gated``): GraTa, three updates per image at beta 1e-3 on the source prior of 256,
-#: updating only while the stream's mean BatchNorm shift from the source statistics exceeds 0.18 (docs/results.md,
-#: "A shift gate"; +0.0246, +0.0346, +0.0326 mean Dice over No Adapt on the report split in three seeds, no pair
-#: below it by more than 0.002, every no-shift split within 0.001).
+#: ``default``: GraTa, three updates per image at beta 1e-3 on the source prior of 256, updating only while the
+#: stream's mean BatchNorm shift from the source statistics exceeds the threshold calibrated for the source model
+#: (``min_shift="calibrated"``: its ``<checkpoint>.shift.json``, :mod:`monai_grata.tta.calibration`;
+#: docs/results.md, "Calibrating the gate from the model").
+#: ``grata_gated``: the same with the hand-set threshold 0.18 read off the three shipped fundus models (the default
+#: before the calibration; docs/results.md, "A shift gate": +0.0246, +0.0346, +0.0326 mean Dice over No Adapt on the
+#: report split in three seeds, no pair below it by more than 0.002, every no-shift split within 0.001).
 #: ``source_prior``: BatchNorm statistics alone, the source counted as 256 images (the default until the gated
 #: GraTa cleared the bar: as safe, one forward per image, no gain).
-_GATED_GRATA = {"bn_prior": 256.0, "beta": 1e-3, "steps": 3, "min_shift": 0.18}
+#: the ``min_shift`` that stands for the threshold calibrated for the source checkpoint (:func:`calibrated_options`)
+CALIBRATED = "calibrated"
+_GATED_GRATA = {"bn_prior": 256.0, "beta": 1e-3, "steps": 3}
 PRESETS: dict[str, dict] = {
     "paper": {"method": "grata", "options": {}},
-    "default": {"method": "grata", "options": dict(_GATED_GRATA)},
-    "grata_gated": {"method": "grata", "options": dict(_GATED_GRATA)},
+    "default": {"method": "grata", "options": {**_GATED_GRATA, "min_shift": CALIBRATED}},
+    "grata_gated": {"method": "grata", "options": {**_GATED_GRATA, "min_shift": 0.18}},
     "source_prior": {"method": "norm", "options": {"bn_prior": 256.0}},
 }
 
@@ -57,6 +63,7 @@ def resolve_method(
     adapter_kwargs: Mapping[str, Mapping] | None = None,
     overrides: Mapping | None = None,
     task: TaskSpec | str | None = None,
+    ckpt_path: str | None = None,
 ) -> tuple[str, dict]:
     """The registered adapter name and the constructor options for ``method``, by the module's precedence rule:
     the task's options < preset < the bundle's ``adapter_kwargs`` for that adapter < ``overrides`` that are not
@@ -70,6 +77,8 @@ def resolve_method(
         task: the run's task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as ``"spinalcord"``):
             fills what it decides for the adapter (its strong view seeded with the resolved ``seed``). None: no
             task's options (the adapter then needs ``multilabel`` from the other layers).
+        ckpt_path: the source checkpoint, whose calibration file gives ``min_shift="calibrated"`` its value
+            (:func:`calibrated_options`); None: such an option is an error.
 
     Returns:
         (adapter name, options) for :func:`~monai_grata.tta.build_adapter`: only the options someone set, so the
@@ -80,12 +89,39 @@ def resolve_method(
     configured = dict((adapter_kwargs or {}).get(name, {}))
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     options = {**preset["options"], **configured, **given}
+    if name in adapter_names():
+        options = calibrated_options(options, ckpt_path)
     if task is None or name not in adapter_names():  # "none" (no adaptation) has no options
         return name, options
     from monai_grata.data.task import resolve_task  # the data package imports transforms, not adapters
 
     decided = resolve_task(task).adapter_options(adapter_class(name), seed=options.get("seed", 0))
     return name, {**decided, **options}
+
+
+def calibrated_options(options: Mapping, ckpt_path: str | None) -> dict:
+    """``options`` with ``min_shift="calibrated"`` replaced by the threshold calibrated for ``ckpt_path``
+    (:func:`~monai_grata.tta.read_shift_threshold`, checked against the options' ``bn_prior``); other options as
+    they are.
+
+    Args:
+        options: an adapter's options.
+        ckpt_path: the source checkpoint the adapter starts from.
+
+    Raises:
+        ValueError: ``min_shift="calibrated"`` without a checkpoint.
+        MissingInputError: no calibration file beside the checkpoint (the message names the command that makes it).
+    """
+    options = dict(options)
+    if options.get("min_shift") != CALIBRATED:
+        return options
+    if ckpt_path is None:
+        raise ValueError(
+            "min_shift='calibrated' is the threshold calibrated for the source checkpoint: give its ckpt_path "
+            "(or a number)"
+        )
+    options["min_shift"] = read_shift_threshold(ckpt_path, bn_prior=options.get("bn_prior"))
+    return options
 
 
 def effective_options(name: str, options: Mapping) -> dict:
