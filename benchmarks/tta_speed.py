@@ -52,7 +52,7 @@ from torch.profiler import ProfilerActivity, profile
 from monai_grata.benchmark.cells import parse_method
 from monai_grata.data import fundus_preprocessing, target_datalist
 from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import GraTa, Tent, adapter_names, build_adapter
+from monai_grata.tta import GraTa, Tent, adapter_names, build_adapter, calibrated_options
 
 PLAIN, TRAIN = "plain inference", "training step (fwd+bwd, Dice+BCE)"
 #: the shipped source model (the bundle's, beside this script's folder)
@@ -254,7 +254,9 @@ def fixed_inputs_benchmark(args: argparse.Namespace) -> dict:
     for method in adapter_names() if args.methods == ["all"] else args.methods:
         spec = parse_method(method)  # a preset (default, grata_gated, ...) with its options, or name:key=value,...
         method_rows.append(f"{method} (adapt + predict)")
-        builders[method_rows[-1]] = lambda s=spec: build_adapter(s.name, fresh(), task="fundus", **s.options)
+        # random weights: a calibrated gate takes the shipped model's threshold (only the cost is measured here)
+        options = calibrated_options(spec.options, SHIPPED_CKPT)
+        builders[method_rows[-1]] = lambda s=spec, o=options: build_adapter(s.name, fresh(), task="fundus", **o)
     header = run_header(args, device)
     print(
         f"device={device} ({header['device_name']}), threads={header['threads']}, torch={torch.__version__}, "
@@ -358,7 +360,8 @@ def stream_benchmark(args: argparse.Namespace) -> dict:
     print(f"{PLAIN:{width}s} {rows[PLAIN]['ms_per_image']:10.1f} {1.0:8.2f} {'-':>9s}")
     for method in methods:
         spec = parse_method(method)
-        adapter = build_adapter(spec.name, fresh(), task="fundus", **spec.options)
+        options = calibrated_options(spec.options, args.ckpt if args.ckpt.lower() != "none" else SHIPPED_CKPT)
+        adapter = build_adapter(spec.name, fresh(), task="fundus", **options)
         seconds = time_stream(adapter, images)
         updated = getattr(adapter, "n_updated", None)
         rows[method] = {

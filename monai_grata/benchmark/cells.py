@@ -26,7 +26,6 @@ from monai_grata.tta import (
     adapter_class,
     build_adapter,
     calibrated_options,
-    resolve_method,
 )
 from monai_grata.utils.per_image import finite_mean
 
