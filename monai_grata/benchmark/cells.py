@@ -187,13 +187,12 @@ def _score(logits: torch.Tensor, item: dict, task: TaskSpec) -> tuple[torch.Tens
 
 
 def _build_adapter(cell: Cell, model: nn.Module, task: TaskSpec):
-    """The cell's adapter around ``model``: the task's options (``multilabel``, the volume's in-plane views, ...),
-    then the method's own, which win; ``seed`` is the cell's unless the method sets one."""
-    cls = adapter_class(cell.method.name)
-    options = {**task.adapter_options(cls, seed=cell.seed), **cell.method.options}
-    if "seed" in inspect.signature(cls).parameters:
+    """The cell's adapter around ``model``: the method's options over the task's (``multilabel``, the volume's
+    in-plane views, ...); ``seed`` is the cell's unless the method sets one."""
+    options = dict(cell.method.options)
+    if "seed" in inspect.signature(adapter_class(cell.method.name)).parameters:
         options.setdefault("seed", cell.seed)
-    return build_adapter(cell.method.name, model, **options)
+    return build_adapter(cell.method.name, model, task=task, **options)
 
 
 def predict_stream(
