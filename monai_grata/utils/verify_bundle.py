@@ -444,7 +444,8 @@ def verify_bundle(bundle: str) -> list[str]:
     problems += check_main_job(bundle)
     if problems:
         raise BundleCheckError(bundle, problems)
-    return ["required files", "version and changelog", "metadata schema", "large files", "weights", "README", "main job"]
+    checks = ["required files", "version and changelog", "metadata schema", "large files", "weights", "README"]
+    return [*checks, "main job"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
