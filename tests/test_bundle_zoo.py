@@ -174,6 +174,14 @@ BREAKAGES = {
         lambda b: _edit_text(os.path.join(b, "docs", "README.md"), "## Performance", "## Results"),
         "docs/README.md lacks the section(s) ['Performance']",
     ),
+    "job_option_undeclared": (
+        lambda b: _edit_text(os.path.join(b, "configs", "inference.json"), '"steps": null, ', ""),
+        "option 'steps' must be declared at the top level",
+    ),
+    "job_option_not_passed_on": (
+        lambda b: _edit_text(os.path.join(b, "configs", "inference.json"), '"radius": "@radius", ', ""),
+        "wrong: ['radius']",
+    ),
     "no_inference_config": (
         lambda b: os.remove(os.path.join(b, "configs", "inference.json")),
         "inference config file is missing",

@@ -7,7 +7,9 @@ from monai.networks.nets import UNet
 from PIL import Image
 
 from monai_grata.engines import (
+    JOB_OPTIONS,
     JobInputs,
+    check_job_options,
     inference_handlers,
     job_adapter,
     job_inputs,
@@ -16,7 +18,9 @@ from monai_grata.engines import (
     run_params,
     source_network,
 )
-from monai_grata.tta import Tent, resolve_method
+from monai_grata.tta import Tent, adapter_defaults, adapter_names, resolve_method
+
+from .conftest import REPO_ROOT
 
 
 def small_unet():
@@ -133,3 +137,22 @@ def test_inference_handlers_leave_out_what_does_not_apply(method, has_labels, ex
         assert handler.tta_handler is (named["tta"] if method != "none" else None)
         assert handler.reference is (reference.report if reference else None)
     assert named["report"].extra == (reference.extra if reference else None)
+
+
+def test_job_options_are_adapter_options_documented_for_the_bundles():
+    taken = set().union(*(adapter_defaults(name) for name in adapter_names()))
+    with open(os.path.join(REPO_ROOT, "docs", "bundle.md"), encoding="utf-8") as f:
+        documented = f.read()
+    for key, option in JOB_OPTIONS.items():
+        assert option in taken, f"--{key} sets {option!r}, which no adapter takes"
+        assert f"--{key}" in documented, f"docs/bundle.md does not document --{key}"
+
+
+def test_check_job_options_names_what_departs():
+    config = {key: None for key in JOB_OPTIONS} | {"options": {o: f"@{k}" for k, o in JOB_OPTIONS.items()}}
+    assert check_job_options(config) == []
+    config["beta"] = 1e-3  # a value in place of "not set" would beat every preset
+    config["options"]["radius"] = "@beta"
+    config["options"]["extra"] = "@extra"
+    problems = check_job_options(config)
+    assert problems[0].startswith("option 'beta' must be declared") and "wrong: ['extra', 'radius']" in problems[1]

@@ -39,3 +39,25 @@ def test_feature_tap_sees_volumes_and_errors():
         model(torch.rand(1, 6, 5))
     with pytest.raises(ValueError, match="slice_axis"):
         SliceWise(net_2d(), slice_axis=0)
+
+
+def test_a_source_prior_counts_volumes_not_slices():
+    from monai_grata.tta.normalization import BatchNormPolicy, convert_to_adaptive_batch_norm
+
+    net = net_2d()
+    net[1].running_mean.fill_(0.3)
+    net[1].running_var.fill_(2.0)
+    volume = torch.rand(2, 1, 6, 5, 4) * 3
+    adapted = SliceWise(convert_to_adaptive_batch_norm(net, BatchNormPolicy(prior=3.0)))
+    with torch.no_grad():
+        out = adapted(volume)
+        # reference: 8 slices (2 volumes of 4) against a prior of 3 volumes, i.e. 12 slices: batch weight 8 / 20
+        features = net[0](volume.movedim(-1, 1).reshape(8, 1, 6, 5))
+        batch_var, batch_mean = torch.var_mean(features, dim=(0, 2, 3), correction=0)
+        w = 8 / (8 + 3 * 4)
+        mean, var = w * batch_mean + (1 - w) * 0.3, w * batch_var + (1 - w) * 2.0
+        normed = (features - mean[:, None, None]) / torch.sqrt(var[:, None, None] + net[1].eps)
+        normed = normed * net[1].weight[:, None, None] + net[1].bias[:, None, None]
+        expected = net[3](net[2](normed)).reshape(2, 4, 3, 6, 5).movedim(1, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert adapted.network[1].samples_per_input == 1  # only inside the forward

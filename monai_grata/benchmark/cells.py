@@ -193,14 +193,13 @@ def _score(logits: torch.Tensor, item: dict, task: TaskSpec) -> tuple[torch.Tens
 
 
 def _build_adapter(cell: Cell, model: nn.Module, task: TaskSpec, ckpt_path: str):
-    """The cell's adapter around ``model``: the task's options (``multilabel``, the volume's in-plane views, ...),
-    then the method's own, which win (``min_shift="calibrated"``: the threshold calibrated for ``ckpt_path``);
-    ``seed`` is the cell's unless the method sets one."""
-    cls = adapter_class(cell.method.name)
-    options = {**task.adapter_options(cls, seed=cell.seed), **calibrated_options(cell.method.options, ckpt_path)}
-    if "seed" in inspect.signature(cls).parameters:
+    """The cell's adapter around ``model``: the method's options over the task's (``multilabel``, the volume's
+    in-plane views, ...; ``min_shift="calibrated"``: the threshold calibrated for ``ckpt_path``); ``seed`` is the
+    cell's unless the method sets one."""
+    options = calibrated_options(cell.method.options, ckpt_path)
+    if "seed" in inspect.signature(adapter_class(cell.method.name)).parameters:
         options.setdefault("seed", cell.seed)
-    return build_adapter(cell.method.name, model, **options)
+    return build_adapter(cell.method.name, model, task=task, **options)
 
 
 def predict_stream(

@@ -1,5 +1,7 @@
 from .inference import (
+    JOB_OPTIONS,
     JobInputs,
+    check_job_options,
     inference_handlers,
     job_adapter,
     job_inputs,
@@ -14,11 +16,13 @@ from .uda_trainer import UDATrainer
 from .utils import ChannelsLastPrepareBatch, average_gradients, channel_output, mean_over_ranks
 
 __all__ = [
+    "JOB_OPTIONS",
     "ChannelsLastPrepareBatch",
     "JobInputs",
     "UDATrainer",
     "average_gradients",
     "channel_output",
+    "check_job_options",
     "inference_handlers",
     "job_adapter",
     "job_inputs",

@@ -21,7 +21,9 @@ from monai_grata.utils.files import make_output_dir
 from monai_grata.utils.run_config import export_run_config
 
 __all__ = [
+    "JOB_OPTIONS",
     "JobInputs",
+    "check_job_options",
     "inference_handlers",
     "job_adapter",
     "job_inputs",
@@ -32,6 +34,52 @@ __all__ = [
 ]
 
 NO_ADAPTATION = "none"
+
+#: The adaptation options a bundle's main job takes on the command line (``--beta 1e-4``), config key -> the
+#: adapter option it sets; the one list of them. Each bundle's ``configs/inference.json`` declares every key as
+#: ``null`` at its top level (not set: the preset's or the constructor's value holds) and passes them on in its
+#: ``options`` map; :func:`check_job_options` (run by ``monai_grata.utils.verify_bundle``) holds the configs to it.
+JOB_OPTIONS: dict[str, str] = {
+    "beta": "beta",
+    "lr": "lr",
+    "steps": "steps",
+    "episodic": "episodic",
+    "bn_prior": "bn_prior",
+    "bn_momentum": "bn_momentum",
+    "aux": "aux",
+    "pseudo": "pseudo",
+    "activation": "activation",
+    "align": "align",
+    "dynamic_lr": "dynamic_lr",
+    "radius": "radius",
+    "min_cos": "min_cos",
+    "min_shift": "min_shift",
+    "detta_denoiser": "denoiser",
+}
+
+
+def check_job_options(config: Mapping) -> list[str]:
+    """The ways a main-job config (``configs/inference.json``) departs from :data:`JOB_OPTIONS`.
+
+    Args:
+        config: the config's content (its top-level keys).
+
+    Returns:
+        one message per problem: an option key not declared ``null`` at the top level, or an ``options`` map that
+        does not pass every key on as ``"@key"`` under its option name (and nothing else).
+    """
+    problems = [
+        f'option {key!r} must be declared at the top level as "{key}": null'
+        for key in JOB_OPTIONS
+        if key not in config or config[key] is not None
+    ]
+    expected = {option: f"@{key}" for key, option in JOB_OPTIONS.items()}
+    given = config.get("options")
+    if given != expected:
+        given = given if isinstance(given, dict) else {}
+        wrong = sorted(k for k in {*expected, *given} if given.get(k) != expected.get(k))
+        problems.append(f'"options" must pass each option on from its key ("beta": "@beta", ...); wrong: {wrong}')
+    return problems
 
 
 @dataclass

@@ -16,7 +16,9 @@ class SliceWise(nn.Module):
     ``SlidingWindowInferer`` passes). To the test-time adapters, the evaluator and the inferer, the wrapped network
     is a 3D network: volumes in, volumes out, so every adapter, weak view and patch sampler works on it unchanged.
     The slices are ordered batch-major (slice ``d`` of sample ``b`` is row ``b·D + d``), so the groups of
-    :func:`~monai_grata.tta.per_group_batch_norm` (whole samples) stay whole after folding.
+    :func:`~monai_grata.tta.per_group_batch_norm` (whole samples) stay whole after folding. The adaptive BatchNorm
+    layers of an adapted network count a volume's D slices as one input
+    (:func:`~monai_grata.tta.normalization.samples_per_input`), so a source prior of N is N volumes, not N slices.
 
     Args:
         network: a 2D network taking (N, C, H, W).
@@ -53,4 +55,7 @@ class SliceWise(nn.Module):
         moved = x.movedim(self.slice_axis, 1)  # (B, D, C, H', W')
         b, d = moved.shape[:2]
         self._batch_size = b
-        return self.as_volumes(self.network(moved.reshape(b * d, *moved.shape[2:])))
+        from monai_grata.tta.normalization import samples_per_input  # monai_grata.tta imports the networks
+
+        with samples_per_input(self.network, d):
+            return self.as_volumes(self.network(moved.reshape(b * d, *moved.shape[2:])))

@@ -31,6 +31,7 @@ from .normalization import (
     frozen_statistics,
     normalisation_statistics,
     per_group_batch_norm,
+    samples_per_input,
     track_test_statistics,
     update_running_statistics,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "consistency_loss",
     "entropy_loss",
     "per_group_batch_norm",
+    "samples_per_input",
     "AdaptiveBatchNorm",
     "BatchNormPolicy",
     "convert_to_adaptive_batch_norm",

@@ -45,6 +45,7 @@ __all__ = [
     "frozen_statistics",
     "normalisation_statistics",
     "per_group_batch_norm",
+    "samples_per_input",
     "replace_batch_norms",
     "track_test_statistics",
     "update_running_statistics",
@@ -56,15 +57,17 @@ STATISTICS = ("mean", "median")
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def batch_statistics_weight(batch_size: int, prior: float) -> float:
-    """The weight n / (N + n) of the test batch's statistics when a source prior of strength N is mixed in.
+def batch_statistics_weight(batch_size: int, prior: float, samples_per_input: int = 1) -> float:
+    """The weight n / (N·s + n) of the test batch's statistics when a source prior of N inputs is mixed in.
 
     Args:
         batch_size: n, the number of samples whose statistics are taken together.
-        prior: N, the strength of the source statistics counted in samples (0: test statistics only;
+        prior: N, the strength of the source statistics counted in inputs (0: test statistics only;
             ``math.inf``: source statistics only).
+        samples_per_input: s, the samples one input puts into the batch (1 for an image; a volume's slices for a
+            2D network run slice by slice).
     """
-    return 0.0 if math.isinf(prior) else batch_size / (batch_size + prior)
+    return 0.0 if math.isinf(prior) else batch_size / (batch_size + prior * samples_per_input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +172,8 @@ class AdaptiveBatchNorm(nn.Module):
         self.configure(policy or BatchNormPolicy())
         #: the number of equal consecutive groups (views) of a batch, each normalised by its own statistics
         self.groups = 1
+        #: the batch samples one input makes (a volume's slices, :func:`samples_per_input`): the prior counts inputs
+        self.samples_per_input = 1
         #: whether the forward moves the running statistics towards the batch's by ``policy.momentum``
         self.tracking = False
         #: fixed (mean, var) to normalise every batch with, or None
@@ -198,7 +203,7 @@ class AdaptiveBatchNorm(nn.Module):
         """(mean, var, batch mean, batch var) of ``grouped`` (G, B, C, *spatial), each (G, 1, C, 1, ...): the
         batch's statistics mixed with the source prior as the policy says."""
         batch_var, batch_mean = _group_statistics(grouped, self.policy.statistic)
-        w = batch_statistics_weight(grouped.shape[1], self.policy.prior)
+        w = batch_statistics_weight(grouped.shape[1], self.policy.prior, self.samples_per_input)
         if w == 1.0:  # no prior
             return batch_mean, batch_var, batch_mean, batch_var
         shape = (1, 1, grouped.shape[2]) + (1,) * (grouped.ndim - 3)
@@ -396,6 +401,27 @@ def per_group_batch_norm(model: nn.Module, groups: int) -> Iterator[nn.Module]:
     if int(groups) != groups or groups < 1:
         raise ValueError(f"groups must be a positive integer, got {groups}")
     with _setting(_configured(model, "per_group_batch_norm"), "groups", int(groups)):
+        yield model
+
+
+@contextlib.contextmanager
+def samples_per_input(model: nn.Module, samples: int) -> Iterator[nn.Module]:
+    """Inside the context, every :class:`AdaptiveBatchNorm` of ``model`` counts ``samples`` batch samples as one
+    input, so a source prior of N inputs weighs N·``samples`` samples against the batch. A 2D network run slice by
+    slice (:class:`~monai_grata.networks.slicewise.SliceWise`) feeds every slice of a volume as one sample: without
+    this, a prior of 256 would weigh about as much as three volumes of 80 slices, where on images it weighs 256
+    images. Plain BatchNorm layers are left as they are.
+
+    Args:
+        model: the network.
+        samples: the samples per input (>= 1).
+
+    Raises:
+        ValueError: ``samples`` < 1.
+    """
+    if int(samples) != samples or samples < 1:
+        raise ValueError(f"samples per input must be a positive integer, got {samples}")
+    with _setting(adaptive_batch_norms(model), "samples_per_input", int(samples)):
         yield model
 
 

@@ -21,7 +21,9 @@ checks offline:
 It adds the rules this repository keeps for its bundles: every ``models/*.pt`` and every file over the zoo's 25 MB
 limit is listed in ``large_files.yml`` with a hash (``hash_val`` and ``hash_type`` are optional in the zoo; a file
 without a hash is not checked at all), the version is the newest in the changelog, no metadata text points at a
-relative path outside the bundle, and ``docs/README.md`` has the sections of the zoo's bundle READMEs.
+relative path outside the bundle, ``docs/README.md`` has the sections of the zoo's bundle READMEs, and a
+``configs/inference.json`` that runs this package's main job takes exactly the package's command-line options
+(:data:`monai_grata.engines.JOB_OPTIONS`, their one list).
 """
 
 from __future__ import annotations
@@ -384,6 +386,28 @@ def check_readme(bundle: str) -> list[str]:
     return [f"docs/README.md lacks the section(s) {missing}"] if missing else []
 
 
+def check_main_job(bundle: str) -> list[str]:
+    """``configs/inference.json``, where it runs this package's main job (it has an ``options`` map), takes the
+    package's command-line options (:data:`~monai_grata.engines.JOB_OPTIONS`), no more and no fewer.
+
+    Args:
+        bundle: the bundle folder.
+
+    Returns:
+        one message per problem.
+    """
+    path = _at(bundle, "configs/inference.json")
+    try:
+        config = _read_json(path)
+    except (OSError, ValueError):
+        return []  # a missing or broken inference.json is check_required_files' to report
+    if not isinstance(config, dict) or "options" not in config:
+        return []
+    from monai_grata.engines import check_job_options  # torch and MONAI's engines only for bundles that need them
+
+    return [f"configs/inference.json: {problem}" for problem in check_job_options(config)]
+
+
 def _at(bundle: str, relative: str) -> str:
     return os.path.join(bundle, *relative.split("/"))
 
@@ -417,9 +441,11 @@ def verify_bundle(bundle: str) -> list[str]:
         listed = []  # already reported by check_large_files
     problems += check_weights(bundle, listed)
     problems += check_readme(bundle)
+    problems += check_main_job(bundle)
     if problems:
         raise BundleCheckError(bundle, problems)
-    return ["required files", "version and changelog", "metadata schema", "large files", "weights", "README"]
+    checks = ["required files", "version and changelog", "metadata schema", "large files", "weights", "README"]
+    return [*checks, "main job"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
