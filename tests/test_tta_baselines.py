@@ -32,10 +32,20 @@ from monai_grata.tta import (
 )
 
 from .test_tta_grata import slicewise_net, tiny_net, tiny_net_3d
+from .test_tta_sar import sar_with_reset
 
 BASELINES = {"dua": DUA, "diga": DIGA, "medbn": MedBN, "dltta": DLTTA, "domainadaptor": DomainAdaptor, "sar": SAR}
-# a small bank and no SAR reset, so that two images show an update of every method
-OPTIONS = {"dltta": {"memory_size": 3, "k": 1}, "sar": {"reset_constant": 0.0}}
+# a small bank and no SAR reset (the ``small_constants`` fixture), so that two images show an update of every method
+OPTIONS = {"dltta": {"k": 1}}
+CONSTANTS = {DLTTA: {"MEMORY_SIZE": 3}, SAR: {"RESET_CONSTANT": 0.0}}
+
+
+@pytest.fixture
+def small_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The class constants of ``CONSTANTS`` for one test."""
+    for cls, constants in CONSTANTS.items():
+        for name, value in constants.items():
+            monkeypatch.setattr(cls, name, value)
 
 
 def sharp_net(out_channels: int = 2) -> nn.Module:
@@ -87,6 +97,7 @@ def test_builds_with_defaults_and_returns_logits(name):
     assert scalars and all(torch.is_tensor(v) and v.ndim == 0 for v in scalars.values())
 
 
+@pytest.mark.usefixtures("small_constants")
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_two_steps_change_only_what_the_method_adapts(name):
     adapter = build_adapter(name, sharp_net(), task="fundus", **OPTIONS.get(name, {}))
@@ -112,6 +123,7 @@ def test_two_steps_change_only_what_the_method_adapts(name):
         assert float(adapter.last_step.lr) == pytest.approx(1e-3)
 
 
+@pytest.mark.usefixtures("small_constants")
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_reset_restores_the_source_state_bit_exactly(name):
     adapter = build_adapter(name, sharp_net(), task="fundus", **OPTIONS.get(name, {}))
@@ -126,6 +138,7 @@ def test_reset_restores_the_source_state_bit_exactly(name):
     assert method_state(adapter) == fresh  # prototypes, memory bank, loss average, momentum schedule cleared
 
 
+@pytest.mark.usefixtures("small_constants")
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_a_batch_with_nan_is_skipped(name):
     adapter = build_adapter(name, sharp_net(), task="fundus", **OPTIONS.get(name, {}))
@@ -153,6 +166,7 @@ def test_no_task_is_assumed_and_the_error_says_what_to_pass(name):
         build_adapter(name, sharp_net(), task="retina")
 
 
+@pytest.mark.usefixtures("small_constants")
 @pytest.mark.parametrize("name", ["diga", "dltta", "domainadaptor", "medbn", "sar"])
 def test_softmax_outputs(name):
     adapter = build_adapter(name, sharp_net(out_channels=3), multilabel=False, **OPTIONS.get(name, {}))
@@ -302,9 +316,10 @@ def test_update_running_statistics_is_train_mode_batch_norm_inside_the_context_o
             pass
 
 
-def test_diga_prototypes_follow_confident_pseudo_labels_and_fuse_with_the_network():
+def test_diga_prototypes_follow_confident_pseudo_labels_and_fuse_with_the_network(monkeypatch):
+    monkeypatch.setattr(DIGA, "PROTO_RHO", 0.5)
     net = sharp_net()
-    adapter = DIGA(net, proto_rho=0.5, multilabel=True)
+    adapter = DIGA(net, multilabel=True)
     x, y = images(2)
     adapter.adapt_batch(x)
     with torch.no_grad():
@@ -321,7 +336,8 @@ def test_diga_prototypes_follow_confident_pseudo_labels_and_fuse_with_the_networ
     both = exists & (first.abs().sum(-1) > 0)
     torch.testing.assert_close(adapter.prototypes[both], (first + 0.5 * (instance - first))[both])
     # no fusion: the network's own prediction (BatchNorm with the 0.8 / 0.2 mixture)
-    plain = DIGA(copy.deepcopy(tiny_net()), fusion_lambda=0.0, multilabel=True)
+    monkeypatch.setattr(DIGA, "FUSION_LAMBDA", 0.0)
+    plain = DIGA(copy.deepcopy(tiny_net()), multilabel=True)
     out = plain(x)
     with torch.no_grad():
         raw = plain.model(x)
@@ -333,11 +349,12 @@ def net_raw(adapter: DIGA, x: torch.Tensor) -> torch.Tensor:
         return adapter.model(x)
 
 
-def test_dltta_learning_rate_grows_with_the_discrepancy_to_similar_past_images():
+def test_dltta_learning_rate_grows_with_the_discrepancy_to_similar_past_images(monkeypatch):
     z = torch.randn(1, 2, 4, 4)
     assert float(symmetric_kl(z, z, True)) == pytest.approx(0.0, abs=1e-7)
     assert float(symmetric_kl(z, -z, True)) > 0 and float(symmetric_kl(z, 2 * z, False)) > 0
-    adapter = DLTTA(tiny_net(), memory_size=4, k=2, multilabel=True)
+    monkeypatch.setattr(DLTTA, "MEMORY_SIZE", 4)
+    adapter = DLTTA(tiny_net(), k=2, multilabel=True)
     lrs = []
     for x in images(5):
         adapter(x)
@@ -379,14 +396,14 @@ def test_sar_filters_unreliable_pixels_and_resets_below_the_loss_average():
     source = copy.deepcopy(nothing_kept.model.state_dict())
     nothing_kept(images(1)[0])
     assert float(nothing_kept.last_step.kept) == 0 and not changed(source, nothing_kept.model.state_dict())
-    always = SAR(sharp_net(), reset_constant=math.inf, multilabel=True)
+    always = sar_with_reset(math.inf)(sharp_net(), multilabel=True)
     state = copy.deepcopy(always.model.state_dict())
     always(images(1)[0])
     assert float(always.last_step.reset) == 1 and always.ema is not None  # the authors keep the average
     assert not changed(state, always.model.state_dict())
     always.reset()  # a reset from outside (a new domain) clears it
     assert always.ema is None
-    kept = SAR(sharp_net(), reset_constant=0.0, multilabel=True)
+    kept = sar_with_reset(0.0)(sharp_net(), multilabel=True)
     kept(images(1)[0])
     assert 0 < float(kept.last_step.kept) <= 1 and kept.ema is not None
     assert float(kept.last_step.loss_pseudo) < math.log(2) * 0.4 + 1e-6
@@ -402,6 +419,7 @@ def _volume_options(name: str) -> dict:
     return options
 
 
+@pytest.mark.usefixtures("small_constants")
 @pytest.mark.parametrize("make_net", [tiny_net_3d, slicewise_net], ids=["3d", "slicewise_2d"])
 @pytest.mark.parametrize("name", adapter_names())
 def test_every_adapter_adapts_volumes_and_resets(name, make_net):

@@ -172,6 +172,10 @@ def test_command_calibrates_a_model_on_its_validation_split(tmp_path, capsys):
                   "--max_images", "3", "--dry_run"])  # fmt: skip
     assert first["images"] == 3 and first["split"] == "site_a: all images, first 3" and first["path"] is None
     assert not os.path.exists(shift_calibration_path(ckpt))
+    printed = capsys.readouterr().out.splitlines()[-3:]  # the dry run shows where each image falls
+    assert [line.split()[1] for line in printed] == [m["image"] for m in first["shifts"]]
+    shifts = [m["shift"] for m in first["shifts"]]
+    assert [float(line.split()[0]) for line in printed] == pytest.approx(shifts, abs=1e-4)
 
 
 def test_command_refuses_a_missing_config_and_bad_overrides(tmp_path):

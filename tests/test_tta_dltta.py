@@ -187,10 +187,10 @@ def reference_dltta(net, autoencoders, images, lr, k, memory_size, ensemble, mul
 
 
 @pytest.mark.parametrize("multilabel,ensemble", [(True, "authors"), (False, "authors"), (False, "weighted_sum")])
-def test_matches_the_authors_update_rule_step_by_step(multilabel, ensemble):
+def test_matches_the_authors_update_rule_step_by_step(multilabel, ensemble, monkeypatch):
+    monkeypatch.setattr(DLTTA, "MEMORY_SIZE", 5)  # a bank that drops entries within the stream
     net = ToyUNet(out_channels=2 if multilabel else 3)
-    options = {"lr": 0.05, "k": 3, "memory_size": 5, "ensemble": ensemble, "multilabel": multilabel}
-    adapter = DLTTA(copy.deepcopy(net), **options)
+    adapter = DLTTA(copy.deepcopy(net), lr=0.05, k=3, ensemble=ensemble, multilabel=multilabel)
     assert adapter.layers.adapted == ("down1", "down2") and adapter.layers.partners == ("up2", "up3")
     autoencoders = copy.deepcopy(adapter.autoencoders)
     images = stream(9)
@@ -212,7 +212,7 @@ def test_matches_the_authors_update_rule_step_by_step(multilabel, ensemble):
 
 
 def test_the_authors_ensemble_is_the_kth_nearest_neighbours_weighted_logits():
-    adapter = DLTTA(ToyUNet(), k=2, memory_size=4, multilabel=False)
+    adapter = DLTTA(ToyUNet(), k=2, multilabel=False)
     key = torch.tensor([1.0, 0.0])
     bank = [
         (torch.tensor([1.0, 0.1]), torch.full((2, 1, 1), 1.0)),
@@ -234,10 +234,11 @@ def test_the_authors_ensemble_is_the_kth_nearest_neighbours_weighted_logits():
 # --- the adapter contract --------------------------------------------------------------------------------------------
 
 
-def test_reset_restores_the_source_bit_exactly():
+def test_reset_restores_the_source_bit_exactly(monkeypatch):
+    monkeypatch.setattr(DLTTA, "MEMORY_SIZE", 3)  # a bank that drops entries within the stream
     net = ToyUNet()
-    adapter = DLTTA(net, k=2, memory_size=3, multilabel=True)
-    fresh = DLTTA(copy.deepcopy(ToyUNet()), k=2, memory_size=3, multilabel=True)
+    adapter = DLTTA(net, k=2, multilabel=True)
+    fresh = DLTTA(copy.deepcopy(ToyUNet()), k=2, multilabel=True)
     network, adaptor = copy.deepcopy(net.state_dict()), copy.deepcopy(adapter.adaptor.state_dict())
     statistics = [t.clone() for t in running(adapter)]
     images = stream(4)
@@ -253,7 +254,7 @@ def test_reset_restores_the_source_bit_exactly():
 
 
 def test_a_batch_with_nan_is_skipped():
-    adapter = DLTTA(ToyUNet(), k=1, memory_size=3, multilabel=True)
+    adapter = DLTTA(ToyUNet(), k=1, multilabel=True)
     for x in stream(2):
         adapter(x)
     adaptor = copy.deepcopy(adapter.adaptor.state_dict())
@@ -298,7 +299,7 @@ def test_layers_found_on_our_networks():
 
 def test_a_volume_run_slice_by_slice_is_adapted_per_slice_with_a_key_per_volume():
     unet = UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
-    adapter = DLTTA(SliceWise(unet), multilabel=False, k=1, memory_size=3)
+    adapter = DLTTA(SliceWise(unet), multilabel=False, k=1)
     for _ in range(3):
         out = adapter(torch.rand(1, 1, 16, 16, 3))
     assert out.shape == (1, 3, 16, 16, 3) and bool(torch.isfinite(out).all())
@@ -350,6 +351,6 @@ def test_autoencoders_are_fitted_saved_and_found_beside_the_checkpoint(tmp_path)
 
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="k"):
-        DLTTA(ToyUNet(), k=5, memory_size=5, multilabel=True)
+        DLTTA(ToyUNet(), k=DLTTA.MEMORY_SIZE, multilabel=True)
     with pytest.raises(ValueError, match="ensemble"):
         DLTTA(ToyUNet(), ensemble="mean", multilabel=True)

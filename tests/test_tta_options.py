@@ -58,7 +58,7 @@ class Case:
 
 _PRIOR = {"bn_prior": 4.0}
 _SETTLE = {"bn_prior": 4.0, "settle": 1}
-_RETRIEVAL = {"k": 2, "memory_size": 3}  # retrieval from the fourth batch on, from a full bank
+_RETRIEVAL = {"k": 2}  # retrieval from the fourth batch on
 
 
 def _policy_cases(prior_value: float = 4.0) -> dict[str, Case]:
@@ -75,7 +75,6 @@ CASES: dict[str, dict[str, Case]] = {
             why="a trained decoder needs source training: an untrained one of another seed stands in",
         ),
         "lr": Case(1e-2),
-        "mask_ratio": Case(0.3),
         "window": Case(3),
         "episodic": Case(True),
         "seed": Case(1),
@@ -86,9 +85,6 @@ CASES: dict[str, dict[str, Case]] = {
     },
     "diga": {
         "confidence": Case(0.6),
-        "proto_rho": Case(0.5),
-        "proto_lambda": Case(0.2),
-        "fusion_lambda": Case(0.2),
         "tau": Case(5.0),
         "feature_layer": Case("3"),  # the input of the second convolution instead of the head's
         "episodic": Case(True),
@@ -101,11 +97,7 @@ CASES: dict[str, dict[str, Case]] = {
             why="autoencoders fitted for one epoch on random images stand in for ones fitted to source images",
         ),
         "lr": Case(1e-2),
-        "loss_weight": Case(0.5),
-        "memory_size": Case(2, base={"k": 1}, why="the bank drops its oldest entries: another nearest one at batch 5"),
         "k": Case(1, why="retrieval (lr from the discrepancy) starts at the third batch instead of the warm-up"),
-        "temperature": Case(1.0, base=_RETRIEVAL, why="the discrepancy is computed once retrieval runs"),
-        "attention_temperature": Case(1.0, base=_RETRIEVAL, why="weights k >= 2 retrieved neighbours"),
         "ensemble": Case("weighted_sum", base=_RETRIEVAL, why="combines k >= 2 retrieved neighbours"),
         "image_adaptor": Case(True),
         "adaptor_layers": Case(["2"]),
@@ -119,14 +111,11 @@ CASES: dict[str, dict[str, Case]] = {
         "momentum": Case(0.9, base={"episodic": False}, why="episodic (the default) clears the momentum each batch"),
         "episodic": Case(False),
         "multilabel": Case(False),
-        "mix_lambda": Case(0.2),
     },
     "dua": {
         "n_augmentations": Case(4),
         "momentum": Case(0.5),
         "decay": Case(0.5),
-        "min_momentum": Case(0.1),
-        "pad_fraction": Case(0.25),
         "plane": Case((-1, -2)),
         "max_updates": Case(1),
         "episodic": Case(True),
@@ -196,12 +185,6 @@ CASES: dict[str, dict[str, Case]] = {
         "momentum": Case(0.0),
         "rho": Case(0.5),
         "margin": Case(0.1),
-        "reset_constant": Case(0.5),
-        "ema": Case(
-            0.0,
-            base={"reset_constant": 0.09},
-            why="the loss average (about 0.09 ln 2 on the toy) crosses the reset threshold on another batch",
-        ),
         "episodic": Case(True),
         "multilabel": Case(False),
         "predict": Case("after"),
@@ -217,8 +200,7 @@ CASES: dict[str, dict[str, Case]] = {
 }
 
 #: options not named in their class's ``Args:``
-UNDOCUMENTED = {
-}
+UNDOCUMENTED = {}
 
 
 def _case_params() -> list:

@@ -137,8 +137,8 @@ class DeTTAStep(AdaptationStep):
 class DeTTA(GradientAdapter):
     """DeTTA baseline. Per test batch x:
 
-    1. x̃, m = :func:`blind_spot` (x): ``mask_ratio`` of the positions replaced by a random neighbour within a
-       ``window`` × ``window`` window (m = 1 there);
+    1. x̃, m = :func:`blind_spot` (x): :attr:`MASK_RATIO` (0.1) of the positions replaced by a random neighbour
+       within a ``window`` × ``window`` window (m = 1 there);
     2. the source network's encoder runs on x̃ (the forward stops there), the denoising decoder D reconstructs the
        image from its features: L = mean |D(enc(x̃)) − x| · m (:func:`denoising_loss`);
     3. one Adam step (lr 1e-6, betas (0.9, 0.99), the authors' values) on the affine weights and biases of every
@@ -159,7 +159,6 @@ class DeTTA(GradientAdapter):
         model: the source network (adapted in place).
         denoiser: see :func:`resolve_denoiser` (a path, a decoder, or ``None``: the one beside the source checkpoint).
         lr: Adam learning rate (1e-6).
-        mask_ratio: share of the positions masked per image and channel (0.1).
         window: side of the neighbourhood a masked position takes its value from (5).
         episodic: reset network and denoiser to the source state before every batch.
         seed: seed of the masks (and of an untrained denoiser).
@@ -171,25 +170,24 @@ class DeTTA(GradientAdapter):
     """
 
     stochastic = True  # the masks are random
+    #: share of the positions masked per image and channel (DeTTA: 0.1, its ``ratio`` 0.9 being the share kept)
+    MASK_RATIO: float = 0.1
 
     def __init__(
         self,
         model: nn.Module,
         denoiser: str | nn.Module | None = None,
         lr: float = 1e-6,
-        mask_ratio: float = 0.1,
         window: int = 5,
         episodic: bool = False,
         seed: int = 0,
         normalization: BatchNormPolicy | None = None,
         plane: tuple[int, int] | None = None,
     ) -> None:
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if window < 3 or window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {window}")
         super().__init__(model, episodic=episodic, normalization=normalization)
-        self.lr, self.mask_ratio, self.window, self.seed = float(lr), float(mask_ratio), int(window), int(seed)
+        self.lr, self.window, self.seed = float(lr), int(window), int(seed)
         self.plane = None if plane is None else (int(plane[0]), int(plane[1]))
         self.denoiser: DenoisingDecoder = resolve_denoiser(denoiser, model, self.seed)
         self._generator: torch.Generator | None = None
@@ -211,7 +209,7 @@ class DeTTA(GradientAdapter):
         return self._generator
 
     def adapt(self, x: torch.Tensor) -> DeTTAStep:
-        masked, mask = blind_spot(x, self.mask_ratio, self.window, self._random(x.device), self.plane)
+        masked, mask = blind_spot(x, self.MASK_RATIO, self.window, self._random(x.device), self.plane)
         features = tap_features(self.model, masked, self.denoiser.layer, self.denoiser.tap)
         denoised = self.denoiser(features)
         if denoised.ndim < x.ndim and hasattr(self.model, "as_volumes"):  # a 2D network run slice by slice

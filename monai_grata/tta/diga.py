@@ -79,12 +79,13 @@ class DIGA(TTAdapter):
        0.8 · source + 0.2 · instance (``bn_prior`` N = 4: the source counted as 4 images at batch size 1).
     2. Semantic adaptation: pixels whose class probability exceeds ``confidence`` (0.9) are pseudo-labelled; the
        mean feature of each class over them is the instance prototype; the running prototype of each class is set
-       from its first instance prototype and then moves by ``proto_rho`` (0.1) towards each new one. The features
+       from its first instance prototype and then moves by :attr:`PROTO_RHO` (0.1) towards each new one. The features
        are the input of the network's last convolution (:class:`~monai_grata.tta.FeatureTap`).
     3. Prediction: per pixel, a softmax over the classes that have a prototype of minus the distance to it, for
-       the running (``proto_lambda`` 0.8) and the instance (0.2) prototypes, fused with the network's probabilities:
-       ``p = fusion_lambda · p_proto + (1 - fusion_lambda) · p_net`` (0.8). The adapter returns logits of p
-       (log-odds for sigmoid, log p for softmax). Where no class of a group has a prototype, p is the network's.
+       the running (:attr:`PROTO_LAMBDA` 0.8) and the instance (0.2) prototypes, fused with the network's
+       probabilities: ``p = FUSION_LAMBDA · p_proto + (1 - FUSION_LAMBDA) · p_net`` (0.8). The adapter returns
+       logits of p (log-odds for sigmoid, log p for softmax). Where no class of a group has a prototype, p is the
+       network's.
 
     Sigmoid multi-label outputs are C binary problems: each channel has an absent and a present prototype
     (pseudo-labels p > confidence: present, p < 1 - confidence: absent).
@@ -101,9 +102,6 @@ class DIGA(TTAdapter):
     Args:
         model: the source network (its BatchNorm configured in place; a hook on the feature layer added).
         confidence: the pseudo-label threshold.
-        proto_rho: the running prototypes' step towards each instance prototype.
-        proto_lambda: the weight of the running prototypes' prediction against the instance's.
-        fusion_lambda: the weight of the prototype prediction against the network's.
         tau: the temperature of the distance softmax.
         feature_layer: the layer whose input is the feature map (default: the last convolution).
         episodic: clear the running prototypes before every batch.
@@ -114,14 +112,17 @@ class DIGA(TTAdapter):
     """
 
     default_normalization = BatchNormPolicy(prior=4.0)
+    #: the running prototypes' step towards each instance prototype (DIGA: 0.1)
+    PROTO_RHO: float = 0.1
+    #: the weight of the running prototypes' prediction against the instance's (DIGA: 0.8)
+    PROTO_LAMBDA: float = 0.8
+    #: the weight of the prototype prediction against the network's (DIGA: 0.8)
+    FUSION_LAMBDA: float = 0.8
 
     def __init__(
         self,
         model: nn.Module,
         confidence: float = 0.9,
-        proto_rho: float = 0.1,
-        proto_lambda: float = 0.8,
-        fusion_lambda: float = 0.8,
         tau: float = 1.0,
         feature_layer: str | None = None,
         episodic: bool = False,
@@ -129,13 +130,9 @@ class DIGA(TTAdapter):
         normalization: BatchNormPolicy | None = None,
     ) -> None:
         multilabel = require_multilabel(multilabel, type(self).__name__)
-        for name, value in (("proto_rho", proto_rho), ("proto_lambda", proto_lambda), ("fusion_lambda", fusion_lambda)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not 0.5 <= confidence < 1 or not tau > 0:
             raise ValueError(f"need 0.5 <= confidence < 1 and tau > 0, got {confidence}, {tau}")
-        self.confidence, self.proto_rho, self.proto_lambda = float(confidence), float(proto_rho), float(proto_lambda)
-        self.fusion_lambda, self.tau, self.multilabel = float(fusion_lambda), float(tau), multilabel
+        self.confidence, self.tau, self.multilabel = float(confidence), float(tau), multilabel
         super().__init__(model, episodic=episodic, normalization=normalization)
         self.feature_layer = feature_layer
         self.prototypes: torch.Tensor | None = None  # (G, K, F)
@@ -175,10 +172,10 @@ class DIGA(TTAdapter):
         instance, exists = self.instance_prototypes(features, logits)
         p_mean = _prototype_probabilities(features, self.prototypes, self.exists, self.tau)
         p_instance = _prototype_probabilities(features, instance, exists, self.tau)
-        p_proto = self.proto_lambda * p_mean + (1 - self.proto_lambda) * p_instance
+        p_proto = self.PROTO_LAMBDA * p_mean + (1 - self.PROTO_LAMBDA) * p_instance
         p_net = _class_probabilities(logits, self.multilabel)
         p_proto = torch.where(torch.isfinite(p_proto), p_proto, p_net)  # a group without prototypes
-        p = self.fusion_lambda * p_proto + (1 - self.fusion_lambda) * p_net
+        p = self.FUSION_LAMBDA * p_proto + (1 - self.FUSION_LAMBDA) * p_net
         if self.multilabel:
             p = p[:, :, 1].clamp(_EPS, 1 - _EPS)
             return torch.log(p) - torch.log1p(-p)
@@ -192,7 +189,7 @@ class DIGA(TTAdapter):
         if self.prototypes is None:
             self.prototypes, self.exists = torch.zeros_like(instance), torch.zeros_like(exists)
         first = exists & ~self.exists
-        moved = torch.where(exists[..., None], torch.lerp(self.prototypes, instance, self.proto_rho), self.prototypes)
+        moved = torch.where(exists[..., None], torch.lerp(self.prototypes, instance, self.PROTO_RHO), self.prototypes)
         self.prototypes = torch.where(first[..., None], instance, moved)
         self.exists = self.exists | exists
         return DIGAStep(confident=(self.pseudo_labels(logits) >= 0).float().mean())

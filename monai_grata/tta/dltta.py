@@ -624,8 +624,8 @@ class DLTTAStep(AdaptationStep):
     """A DLTTA step (``updated``: its learning rate was above 0, i.e. after the first image).
 
     Args:
-        loss_reconstruction: the autoencoders' reconstruction loss (before ``loss_weight``).
-        loss_orthogonality: the adaptor's orthogonality term (before ``loss_weight``).
+        loss_reconstruction: the autoencoders' reconstruction loss (before :attr:`DLTTA.LOSS_WEIGHT`).
+        loss_orthogonality: the adaptor's orthogonality term (before :attr:`DLTTA.LOSS_WEIGHT`).
         lr: the step's learning rate.
         discrepancy: D (0 in the warm-up).
     """
@@ -647,20 +647,21 @@ class DLTTA(GradientAdapter):
        logits (lines 242-245);
     2. the learning rate: with more than ``k`` (8) entries in the bank (``retri_size`` 8, train.py:74), the ``k``
        entries with the most cosine-similar keys are retrieved, weighted by softmax(cos / 0.2) (memory.py:38-47,
-       60-72), and D = pixel-mean symmetric KL between softmax(past) and softmax(current values / 4), lr =
-       ``lr`` · exp(D) (lines 248-268); otherwise the warm-up lr = ``lr`` · (entries in the bank), 0 for the first
-       image (line 271);
+       60-72; :attr:`ATTENTION_TEMPERATURE`), and D = pixel-mean symmetric KL between softmax(past) and
+       softmax(current values / 4) (:attr:`TEMPERATURE`), lr = ``lr`` · exp(D) (lines 248-268); otherwise the
+       warm-up lr = ``lr`` · (entries in the bank), 0 for the first image (line 271);
     3. one SGD step (no momentum, ``--alr=1e-3``) on the adaptor (:class:`FeatureAdaptor`: identity-initialised
-       1×1 convolutions after the encoder's down levels, :func:`find_dltta_layers`) with the loss ``loss_weight`` ·
-       (Σ_levels MSE(AE(f), f) + Σ_convs :func:`srip`) — ``or_weight`` 0.05 (config.py) multiplies both
-       (lines 281-317) — where f are the adapted network's features at each adapted level concatenated with the
-       decoder's at that resolution, and its logits, in a forward with BatchNorm in eval mode (the running
-       statistics of step 1, line 274); the autoencoders are fitted beforehand to the source network's features
-       (:func:`train_autoencoders`) and stay frozen;
+       1×1 convolutions after the encoder's down levels, :func:`find_dltta_layers`) with the loss
+       :attr:`LOSS_WEIGHT` · (Σ_levels MSE(AE(f), f) + Σ_convs :func:`srip`) — ``or_weight`` 0.05 (config.py)
+       multiplies both (lines 281-317) — where f are the adapted network's features at each adapted level
+       concatenated with the decoder's at that resolution, and its logits, in a forward with BatchNorm in eval mode
+       (the running statistics of step 1, line 274); the autoencoders are fitted beforehand to the source network's
+       features (:func:`train_autoencoders`) and stay frozen;
     4. the authors' push forwards (lines 325-329): the frozen network again in train mode — the same keys and values
        as in step 1 (the task network is frozen and normalises with batch statistics), the running statistics moved
-       again — and (key, values) of each image enters the bank, which holds ``memory_size`` (21) entries, dropping the
-       oldest (memory.py:32-36; ``Memory(20)``, train.py:29,58, drops one only once it holds more than 20).
+       again — and (key, values) of each image enters the bank, which holds :attr:`MEMORY_SIZE` (21) entries,
+       dropping the oldest (memory.py:32-36; ``Memory(20)``, train.py:29,58, drops one only once it holds more
+       than 20).
 
     The prediction is the adapted network (through the adaptor) with BatchNorm on the batch's statistics (the
     authors' ``test``: ``TNet.train()``, models/segmodel.py ``SegANet.test``), running statistics untouched.
@@ -696,18 +697,14 @@ class DLTTA(GradientAdapter):
       ``dltta_<name>.pt`` beside the source checkpoint, untrained ones are used with a warning).
 
     After each call ``last_step`` (a :class:`DLTTAStep`) holds ``loss_reconstruction``, ``loss_orthogonality`` (both
-    before ``loss_weight``), ``lr`` and ``discrepancy`` (0 in the warm-up).
+    before :attr:`LOSS_WEIGHT`), ``lr`` and ``discrepancy`` (0 in the warm-up).
 
     Args:
         model: the source network (frozen; its BatchNorm running statistics are kept by the adapter, hooks added).
         autoencoders: fitted :class:`FeatureAutoencoders`, a file written by :func:`save_autoencoders`, or ``None``:
             the file :func:`default_autoencoder_path` names beside the checkpoint ``model`` was loaded from.
         lr: the base learning rate (the authors' 1e-3).
-        loss_weight: the weight of reconstruction and orthogonality terms (the authors' ``or_weight``, 0.05).
-        memory_size: the entries the bank holds (21).
         k: the neighbours retrieved (8); retrieval starts once the bank holds more than ``k`` entries.
-        temperature: the temperature of the current logits in D (4).
-        attention_temperature: the temperature of the neighbours' cosine weights (0.2).
         ensemble: ``"authors"`` (the k-th nearest neighbour's weighted logits) or ``"weighted_sum"``.
         image_adaptor: add the authors' image-level adaptor (see above).
         adaptor_layers: the layers whose outputs are adapted (default: :func:`find_dltta_layers`).
@@ -720,17 +717,21 @@ class DLTTA(GradientAdapter):
     """
 
     stochastic = True  # the power iteration of the orthogonality term starts from a random vector
+    #: the weight of the reconstruction and orthogonality terms (the authors' ``or_weight``, 0.05, config.py)
+    LOSS_WEIGHT: float = 0.05
+    #: the entries the bank holds (21: ``Memory(20)``, train.py:29,58, drops one only once it holds more than 20)
+    MEMORY_SIZE: int = 21
+    #: the temperature of the current logits in D (the authors' 4, models/basemodel.py lines 248-268)
+    TEMPERATURE: float = 4.0
+    #: the temperature of the neighbours' cosine weights (the authors' 0.2, memory.py:38-47)
+    ATTENTION_TEMPERATURE: float = 0.2
 
     def __init__(
         self,
         model: nn.Module,
         autoencoders: str | FeatureAutoencoders | None = None,
         lr: float = 1e-3,
-        loss_weight: float = 0.05,
-        memory_size: int = 21,
         k: int = 8,
-        temperature: float = 4.0,
-        attention_temperature: float = 0.2,
         ensemble: str = "authors",
         image_adaptor: bool = False,
         adaptor_layers: Sequence[str] | None = None,
@@ -740,20 +741,19 @@ class DLTTA(GradientAdapter):
         seed: int = 0,
     ) -> None:
         multilabel = require_multilabel(multilabel, type(self).__name__)
-        if not 1 <= k < memory_size:
-            raise ValueError(f"need 1 <= k < memory_size, got k={k}, memory_size={memory_size}")
+        if not 1 <= k < self.MEMORY_SIZE:
+            raise ValueError(f"need 1 <= k < MEMORY_SIZE ({self.MEMORY_SIZE}), got k={k}")
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-        if not lr >= 0 or not loss_weight > 0:
-            raise ValueError(f"need lr >= 0 and loss_weight > 0, got lr={lr}, loss_weight={loss_weight}")
+        if not lr >= 0:
+            raise ValueError(f"need lr >= 0, got {lr}")
         super().__init__(model, episodic=episodic)
-        self.lr, self.loss_weight, self.k = float(lr), float(loss_weight), int(k)
-        self.temperature, self.attention_temperature = float(temperature), float(attention_temperature)
+        self.lr, self.k = float(lr), int(k)
         self.ensemble, self.image_adaptor, self.multilabel, self.seed = ensemble, bool(image_adaptor), multilabel, seed
         self.adaptor_layers, self.key_layer = adaptor_layers, key_layer
         #: the ``autoencoders`` argument until :meth:`setup` resolves it
         self.autoencoders: str | FeatureAutoencoders | None = autoencoders
-        self.memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=int(memory_size))
+        self.memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=self.MEMORY_SIZE)
         self._generator: torch.Generator | None = None
 
     def configure_model(self, model: nn.Module) -> nn.Module:
@@ -835,13 +835,13 @@ class DLTTA(GradientAdapter):
         keys = torch.stack([k for k, _ in entries])
         cos = (keys @ key) / (keys.norm(dim=1) * key.norm()).clamp_min(1e-12)
         top = cos.topk(self.k)  # most similar first
-        weights = torch.softmax(top.values / self.attention_temperature, dim=0)
+        weights = torch.softmax(top.values / self.ATTENTION_TEMPERATURE, dim=0)
         past = torch.stack([entries[i][1] for i in top.indices.tolist()])
         if self.ensemble == "authors":
             ensembled = weights[-1] * past[-1]
         else:
             ensembled = torch.einsum("n,n...->...", weights, past)
-        return symmetric_kl(ensembled[None], values[None] / self.temperature, self.multilabel), len(entries)
+        return symmetric_kl(ensembled[None], values[None] / self.TEMPERATURE, self.multilabel), len(entries)
 
     def _losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapted network's reconstruction loss (BatchNorm on the running statistics) and the orthogonality
@@ -867,7 +867,7 @@ class DLTTA(GradientAdapter):
             discrepancy = torch.zeros(())
             lr = self.lr * min(n for _, n in found)
         reconstruction, orthogonality = self._losses(x)
-        loss = self.loss_weight * (reconstruction + orthogonality)
+        loss = self.LOSS_WEIGHT * (reconstruction + orthogonality)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.param_groups[0]["lr"] = lr

@@ -220,7 +220,7 @@ class DomainAdaptor(GradientAdapter):
     - Each layer's own ``eps`` (their AdaMixBN is built with the default 1e-5).
     - If an update leaves a weight non-finite and is rolled back (:class:`~monai_grata.tta.GradientAdapter`), the
       prediction rectifies the restored weights again, so it is AdaMixBN's prediction without the step.
-    - There is no ``bn_prior``: the mixture is AdaMixBN's lambda, computed per batch (or ``mix_lambda``).
+    - There is no ``bn_prior``: the mixture is AdaMixBN's lambda, computed per batch (or :attr:`MIX_LAMBDA`).
 
     With ``episodic=False`` the weights carry over (their ``--online``, which also sets SGD momentum 0.9) and each batch
     rectifies from the current ones. After each call ``last_step`` (a :class:`DomainAdaptorStep`) holds ``loss_aux``
@@ -233,8 +233,10 @@ class DomainAdaptor(GradientAdapter):
         episodic: reset to the source weights before every batch (the authors' default: True).
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
             ``task`` fills it).
-        mix_lambda: a fixed source weight for every layer (None: AdaMixBN's lambda per batch, the default).
     """
+
+    #: a fixed source weight for every layer (their ``--mix-lambda``); None: AdaMixBN's lambda per batch, their default
+    MIX_LAMBDA: float | None = None
 
     def __init__(
         self,
@@ -243,15 +245,13 @@ class DomainAdaptor(GradientAdapter):
         momentum: float = 0.0,
         episodic: bool = True,
         multilabel: bool | None = None,
-        mix_lambda: float | None = None,
     ) -> None:
         multilabel = require_multilabel(multilabel, type(self).__name__)
         self.lr, self.momentum, self.multilabel = float(lr), float(momentum), multilabel
-        self.mix_lambda = None if mix_lambda is None else float(mix_lambda)
         super().__init__(model, episodic=episodic)
 
     def configure_model(self, model: nn.Module) -> nn.Module:
-        self.mix_layers = ada_mix_batch_norm(model.eval(), self.mix_lambda)
+        self.mix_layers = ada_mix_batch_norm(model.eval(), self.MIX_LAMBDA)
         return model
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:

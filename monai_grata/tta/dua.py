@@ -104,7 +104,7 @@ class DUA(TTAdapter):
     ``n_augmentations`` augmented copies of it (:func:`dua_copies`) and moves its running statistics towards
     their statistics with momentum
 
-        m_t = momentum · decay^t + min_momentum        (t = 1, 2, ... images since the source)
+        m_t = momentum · decay^t + MIN_MOMENTUM        (t = 1, 2, ... images since the source)
 
     then the image is predicted in eval mode with the updated running statistics. Only the running statistics
     change; no weight is trained. Defaults (the authors' code): 64 copies, momentum 0.1, decay 0.94, floor 0.005.
@@ -123,8 +123,6 @@ class DUA(TTAdapter):
         n_augmentations: the augmented copies per image.
         momentum: the initial momentum (before decay).
         decay: the factor applied to the momentum per image.
-        min_momentum: the floor added to the decayed momentum.
-        pad_fraction: the random crop's padding as a fraction of the shorter in-plane side (DUA: 4 of 32 pixels).
         plane: the two axes of each image (C, *spatial) that the copies are cropped, flipped and rotated in;
             ``None``: the last two axes of a 2D image (C, H, W); a volume needs it (``build_adapter``'s ``task``
             gives it), so its slice axis is never augmented.
@@ -135,6 +133,10 @@ class DUA(TTAdapter):
     """
 
     stochastic = True  # the augmentations are random
+    #: the floor added to the decayed momentum (the authors' code: 0.005)
+    MIN_MOMENTUM: float = 0.005
+    #: the random crop's padding as a fraction of the shorter in-plane side (DUA: 4 of 32 pixels)
+    PAD_FRACTION: float = 0.125
 
     def __init__(
         self,
@@ -142,8 +144,6 @@ class DUA(TTAdapter):
         n_augmentations: int = 64,
         momentum: float = 0.1,
         decay: float = 0.94,
-        min_momentum: float = 0.005,
-        pad_fraction: float = 0.125,
         plane: tuple[int, int] | None = None,
         max_updates: int | None = 80,
         episodic: bool = False,
@@ -155,13 +155,10 @@ class DUA(TTAdapter):
             raise ValueError(f"plane must be two different spatial axes or None, got {plane}")
         if max_updates is not None and not int(max_updates) >= 0:
             raise ValueError(f"max_updates must be >= 0 or None (every image), got {max_updates}")
-        if not (0 < momentum <= 1 and 0 < decay <= 1 and 0 <= min_momentum < 1):
-            raise ValueError(
-                f"need 0 < momentum <= 1, 0 < decay <= 1, 0 <= min_momentum < 1; got {momentum}, "
-                f"{decay}, {min_momentum}"
-            )
+        if not (0 < momentum <= 1 and 0 < decay <= 1):
+            raise ValueError(f"need 0 < momentum <= 1 and 0 < decay <= 1; got {momentum}, {decay}")
         self.n_augmentations, self.momentum, self.decay = int(n_augmentations), float(momentum), float(decay)
-        self.min_momentum, self.pad_fraction, self.seed = float(min_momentum), float(pad_fraction), int(seed)
+        self.seed = int(seed)
         self.max_updates = None if max_updates is None else int(max_updates)
         self.plane = None if plane is None else (int(plane[0]), int(plane[1]))
         super().__init__(model, episodic=episodic)
@@ -185,8 +182,8 @@ class DUA(TTAdapter):
                 break
             generator = self._random(x.device)
             self.steps += 1
-            momentum = self.momentum * self.decay**self.steps + self.min_momentum
-            copies = dua_copies(image, self.n_augmentations, generator, self.pad_fraction, self.plane)
+            momentum = self.momentum * self.decay**self.steps + self.MIN_MOMENTUM
+            copies = dua_copies(image, self.n_augmentations, generator, self.PAD_FRACTION, self.plane)
             if copies.device.type == "cpu" and copies.ndim == 4:
                 # oneDNN's NHWC convolutions run the 64-copy batch about 30 % faster on CPU (batch size 1: no gain)
                 copies = copies.contiguous(memory_format=torch.channels_last)

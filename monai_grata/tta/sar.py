@@ -15,10 +15,6 @@ from .steps import AdaptationStep
 
 __all__ = ["SAR", "SARStep", "pixel_entropy"]
 
-#: the authors' reset threshold 0.2 (``sar.py``, ``forward_and_adapt_sar``) as a fraction of the largest entropy of
-#: their 1000-class softmax, ln 1000
-AUTHORS_RESET_FRACTION = 0.2 / math.log(1000)
-
 
 def pixel_entropy(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """The entropy of each prediction: (B, C, *spatial) binary entropies of the channels (sigmoid), or
@@ -61,8 +57,8 @@ class SAR(GradientAdapter):
        E < ``margin`` · ln K (``margin`` 0.4: the authors' 0.4 · ln 1000);
     2. g = grad of their mean entropy; move the normalisation affine parameters to theta + rho · g / |g| (rho 0.05);
     3. entropies there, of the pixels kept in 1, filtered again by the same threshold; their mean's gradient steps
-       theta (SGD, momentum 0.9); that mean feeds an exponential moving average (0.9);
-    4. when the average is below ``reset_constant`` · ln K, the model and optimizer are reset to the source (the
+       theta (SGD, momentum 0.9); that mean feeds an exponential moving average (:attr:`EMA_DECAY` 0.9);
+    4. when the average is below :attr:`RESET_CONSTANT` · ln K, the model and optimizer are reset to the source (the
        authors' model recovery).
 
     As in the authors' code (mr-eggplant/SAR, ``sar.py``): the prediction returned is the logits of step 1's forward,
@@ -97,8 +93,6 @@ class SAR(GradientAdapter):
         momentum: SGD momentum.
         rho: the radius of the sharpness-aware perturbation.
         margin: the reliability threshold as a fraction of ln K.
-        reset_constant: the loss average below which the model is reset, as a fraction of ln K (0: never).
-        ema: the decay of the loss average.
         episodic: reset to the source weights before every batch.
         multilabel: sigmoid multi-label (True) or softmax multi-class (False) outputs; no default (``build_adapter``'s
             ``task`` fills it).
@@ -109,6 +103,12 @@ class SAR(GradientAdapter):
             updated weights).
     """
 
+    #: the loss average below which the model is reset, as a fraction of ln K (0: never): the authors' reset threshold
+    #: 0.2 (``sar.py``, ``forward_and_adapt_sar``) as a fraction of the largest entropy of their 1000-class softmax
+    RESET_CONSTANT: float = 0.2 / math.log(1000)
+    #: the decay of the loss average (the authors' 0.9, ``sar.py``, ``update_ema``)
+    EMA_DECAY: float = 0.9
+
     def __init__(
         self,
         model: nn.Module,
@@ -116,21 +116,16 @@ class SAR(GradientAdapter):
         momentum: float = 0.9,
         rho: float = 0.05,
         margin: float = 0.4,
-        reset_constant: float = AUTHORS_RESET_FRACTION,
-        ema: float = 0.9,
         episodic: bool = False,
         multilabel: bool | None = None,
         normalization: BatchNormPolicy | None = None,
         predict: str = "before",
     ) -> None:
         multilabel = require_multilabel(multilabel, type(self).__name__)
-        if not rho >= 0 or not margin > 0 or not reset_constant >= 0 or not 0 <= ema < 1:
-            raise ValueError(
-                f"need rho >= 0, margin > 0, reset_constant >= 0 and 0 <= ema < 1, got {rho}, {margin}, "
-                f"{reset_constant}, {ema}"
-            )
+        if not rho >= 0 or not margin > 0:
+            raise ValueError(f"need rho >= 0 and margin > 0, got {rho}, {margin}")
         self.lr, self.momentum, self.rho, self.margin = float(lr), float(momentum), float(rho), float(margin)
-        self.reset_constant, self.ema_decay, self.multilabel = float(reset_constant), float(ema), multilabel
+        self.multilabel = multilabel
         super().__init__(model, episodic=episodic, normalization=normalization, predict=predict)
         self.ema: float | None = None
 
@@ -171,14 +166,14 @@ class SAR(GradientAdapter):
             loss2, kept2, grads2 = self.perturbed_loss(x, grads, kept, self.margin * log_k)
             losses = {"loss_aux": loss.detach(), "loss_pseudo": loss2.detach()}
             if bool(kept2.any()) and math.isfinite(value := float(loss2.detach())):
-                self.ema = value if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * value
+                self.ema = value if self.ema is None else self.EMA_DECAY * self.ema + (1 - self.EMA_DECAY) * value
         else:  # the authors' mean over no pixel: zero gradients, no perturbation
             grads2 = tuple(torch.zeros_like(p) for p in self.params)
         for p, g in zip(self.params, grads2, strict=True):
             p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reset = self.ema is not None and self.ema < self.reset_constant * log_k
+        reset = self.ema is not None and self.ema < self.RESET_CONSTANT * log_k
         if reset:
             ema = self.ema
             self.reset()

@@ -144,7 +144,7 @@ def calibrate_checkpoint(
     write: bool = True,
 ) -> dict:
     """Measure the source model's in-domain shifts, write the calibration beside ``ckpt_path`` and return it (with
-    ``"path"``, the file written, or None).
+    ``"path"``, the file written, or None, and ``"shifts"``, each image's path and shift in the order measured).
 
     Args:
         ckpt_path: the source checkpoint.
@@ -175,7 +175,9 @@ def calibrate_checkpoint(
     model = load_weights(network, ckpt_path).to(torch.device(device))
     shifts = per_batch_shifts(model, _batches(items, preprocessing, patches, torch.device(device)), bn_prior)
     calibration = shift_calibration(shifts, bn_prior, description)
-    return {**calibration, "path": save_shift_calibration(ckpt_path, calibration) if write else None}
+    path = save_shift_calibration(ckpt_path, calibration) if write else None
+    measured = [{"image": str(item["image"]), "shift": shift} for item, shift in zip(items, shifts, strict=True)]
+    return {**calibration, "path": path, "shifts": measured}
 
 
 def config_overrides(extra: Sequence[str]) -> dict:
@@ -229,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"mean {summary['mean']:.4f}, std {summary['std']:.4f}, 90th pct {summary['q90']:.4f}) -> "
         f"{calibration['path'] or 'not written (--dry_run)'}"
     )
+    if args.dry_run:  # where each image falls
+        for measured in calibration["shifts"]:
+            print(f"  {measured['shift']:.4f}  {measured['image']}")
     return calibration
 
 
