@@ -12,9 +12,7 @@ is the gate's margin on that stream.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import tempfile
 
 from monai_grata.benchmark import parse_method
 from monai_grata.benchmark.store import BenchmarkStore, tracking_uri_of
@@ -37,10 +35,7 @@ def gate_rows(location: str, method: str, experiment: str = "benchmark") -> list
     for cell in store.finished().values():
         if cell.get("method") != label:
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            path = store.client.download_artifacts(cell["run_id"], "per_image.csv", tmp)
-            with open(path, newline="") as f:
-                images = list(csv.DictReader(f))
+        images = store.per_image_rows(cell["run_id"])
         row = {"source": cell["source"], "target": cell["target"], "seed": cell["seed"], "images": len(images)}
         row.update(updated=None, lowest_shift=None, last_shift=None)
         if images and "adapt_stream_shift" in images[0]:

@@ -15,11 +15,9 @@ mask files.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import os
 import statistics
-import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -49,10 +47,7 @@ def read_cells(store: BenchmarkStore) -> tuple[dict[str, Rows], dict[str, float]
     seconds: dict[str, float] = {}
     for record in store.finished().values():
         method, target = record["method"], record["target"]
-        with tempfile.TemporaryDirectory() as tmp:
-            local = store.client.download_artifacts(record["run_id"], "per_image.csv", tmp)
-            with open(local) as f:
-                per_image = list(csv.DictReader(f))
+        per_image = store.per_image_rows(record["run_id"])
         rows = {volume_name(target, r["filename"]): {m: float(r[m]) for m in METRICS} for r in per_image}
         cells.setdefault(method, {}).update(rows)
         seconds[method] = seconds.get(method, 0.0) + float(record["n_images"]) / float(record["images_per_s"])

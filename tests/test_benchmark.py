@@ -1,3 +1,4 @@
+import csv
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from monai_grata.benchmark import Cell, load_target, parse_method, predict_strea
 from monai_grata.benchmark.__main__ import main as benchmark_main
 from monai_grata.benchmark.compare import main as compare_main
 from monai_grata.benchmark.compare import records_from_store
+from monai_grata.benchmark.store import BenchmarkStore
 
 SAMPLE = "bundles/grata/sample"
 MODELS = "bundles/grata/models"
@@ -114,3 +116,66 @@ def test_chart_gives_each_of_the_eleven_methods_its_own_colour():
     assert len(set(method_colours(11))) == 11  # tab10 alone would repeat its first colour
     assert len(set(method_colours(4))) == 4
     assert len(method_colours(25)) == 25
+
+
+def log_per_image_cells(location, cells: dict[tuple[str, int], dict[str, float]]) -> None:
+    """Log one benchmark cell per (method, seed) of pair a→b into the store at ``location``: its ``dice_gm`` per
+    image (by file name) and an ``assd_gm`` column."""
+    store = BenchmarkStore(f"sqlite:///{location}/mlflow.db")
+    for (method, seed), dice in cells.items():
+        cell = Cell(parse_method(method), "a", "b", seed)
+        rows = [{"filename": name, "dice_gm": value, "assd_gm": 1.0} for name, value in dice.items()]
+        mean = sum(dice.values()) / len(dice)
+        summary = {"dice_gm": mean, "dice_mean": mean, "assd_gm": 1.0, "images_per_s": 1.0}
+        store.log_cell(cell.key, cell, {"channels": "gm"}, summary, rows)
+
+
+PER_IMAGE_CELLS = {
+    ("none", 0): {"site/images/sub-1_T2starw.nii.gz": 0.5, "site/images/sub-2_T2starw.nii.gz": 0.6, "c/sub-3.png": 0.7},
+    ("grata", 0): {"site/images/sub-1_T2starw.nii.gz": 0.6, "site/images/sub-2_T2starw.nii.gz": 0.4},
+    ("grata", 1): {
+        "site/images/sub-1_T2starw.nii.gz": 0.8,
+        "site/images/sub-2_T2starw.nii.gz": 0.5,
+        "c/sub-3.png": 0.9,
+    },
+    ("norm", 0): {"site/images/sub-1_T2starw.nii.gz": 0.45, "site/images/sub-2_T2starw.nii.gz": 0.65},
+}
+
+
+def test_compare_per_image_pivots_images_by_method_over_seeds(tmp_path, capsys):
+    log_per_image_cells(tmp_path, PER_IMAGE_CELLS)
+    out = tmp_path / "tables"
+    compare_main(
+        [str(tmp_path), "--methods", "none", "grata", "norm", "--per_image", "dice_gm", "--output_dir", str(out)]
+    )
+    assert (out / "table.md").stat().st_size > 0  # the usual table too
+    with open(out / "per_image_dice_gm.csv", newline="") as f:
+        rows = {(r["pair"], r["image"]): r for r in csv.DictReader(f)}
+    assert list(rows) == [("a→b", "sub-1_T2starw"), ("a→b", "sub-2_T2starw"), ("a→b", "sub-3")]
+    sub1, sub2, sub3 = rows.values()
+    assert float(sub1["none_mean"]) == pytest.approx(0.5) and float(sub1["norm_mean"]) == pytest.approx(0.45)
+    assert float(sub1["grata_mean"]) == pytest.approx(0.7) and float(sub1["grata_std"]) == pytest.approx(0.1414, 1e-3)
+    assert float(sub2["grata_mean"]) == pytest.approx(0.45)
+    assert float(sub3["grata_mean"]) == pytest.approx(0.9)  # the one seed that has it
+    assert sub3["norm_mean"] == sub3["norm_std"] == ""  # missing in norm's run: blank, not dropped
+    markdown = (out / "per_image_dice_gm.md").read_text()
+    assert markdown.splitlines()[0] == "| pair | image | none | grata | norm |"
+    assert "| a→b | sub-1_T2starw | 0.5000 | 0.7000 ± 0.1414 | 0.4500 |" in markdown
+    assert "| a→b | sub-3 | 0.7000 | 0.9000 |  |" in markdown
+    assert "worst per-image Δ dice_gm vs none: grata: -0.1500 (sub-2_T2starw, a→b)" in markdown
+    assert "worst per-image Δ dice_gm vs none: norm: -0.0500 (sub-1_T2starw, a→b)" in markdown
+    # another baseline; without --output_dir the per-image table is printed
+    capsys.readouterr()
+    compare_main([str(tmp_path), "--methods", "none", "grata", "norm", "--per_image", "dice_gm", "--baseline", "norm"])
+    printed = capsys.readouterr().out
+    assert "worst per-image Δ dice_gm vs norm: none: -0.0500 (sub-2_T2starw, a→b)" in printed
+    assert "vs norm: norm" not in printed
+
+
+def test_compare_per_image_unknown_metric_names_the_columns(tmp_path, capsys):
+    log_per_image_cells(tmp_path, {("none", 0): {"x.png": 0.5}})
+    with pytest.raises(SystemExit):
+        compare_main([str(tmp_path), "--per_image", "dice_cord", "--output_dir", str(tmp_path / "tables")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'dice_cord'" in error and error.endswith("columns: dice_gm, assd_gm")
+    assert not (tmp_path / "tables").exists()  # nothing written

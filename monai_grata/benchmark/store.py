@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 
+from monai_grata.utils.per_image import read_per_image_csv
+
 from .cells import Cell
 
 __all__ = ["CELL_TAG", "BenchmarkStore", "merge_rank_stores", "rank_store", "tracking_uri_of"]
@@ -135,6 +137,15 @@ class BenchmarkStore:
             self.client.log_artifact(run_id, path)
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def per_image_rows(self, run_id: str) -> list[dict[str, str]]:
+        """The rows of a cell's ``per_image.csv`` (one per image, in stream order), read back from the store.
+
+        Args:
+            run_id: the cell's run, e.g. the ``run_id`` of a record of :meth:`finished`.
+        """
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
+            return read_per_image_csv(self.client.download_artifacts(run_id, "per_image.csv", tmp))
 
     def log_artifacts(self, paths: Sequence[str], run_name: str = "tables") -> None:
         """Attach files (the tables and chart) to a run of their own in the experiment."""
