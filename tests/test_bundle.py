@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from monai_grata.tta import read_shift_threshold
 from monai_grata.utils import best_checkpoint, export_source_model, latest_checkpoint
 from monai_grata.utils.compare_runs import collect_runs, format_table
 
@@ -213,7 +214,9 @@ def test_inference_logs_the_options_that_ran(overrides, beta, tmp_path):
     runs, _ = mlflow_runs(out, "grata_inference")
     params = runs[0].data.params
     assert params["method"] == "default" and params["adapter"] == "grata" and params["beta"] == beta
-    assert (params["steps"], params["min_shift"], params["bn_prior"]) == ("3", "0.18", "256.0")
+    # the gate's threshold as calibrated for the shipped refuge_train model, not a hand-set number
+    calibrated = read_shift_threshold(os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt"))
+    assert (params["steps"], float(params["min_shift"]), params["bn_prior"]) == ("3", calibrated, "256.0")
     assert "tent_lr" not in params and "lr" not in params  # nothing that did not run
 
 
