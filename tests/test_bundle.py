@@ -229,7 +229,11 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
         image = np.random.default_rng(i).random((50, 60, 3)).astype(np.float32)
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan{i}.nii.gz"))
     out = str(tmp_path / "out")
-    assert_ok(run_config("inference.json", ckpt_path=source_model, dataset_dir=folder, output_dir=out, **SMALL))
+    overrides = {"ckpt_path": source_model, "dataset_dir": folder, "output_dir": out}
+    # a model trained without the source data at hand has no gate calibration: the default says how to make it
+    missing = run_config("inference.json", **overrides, **SMALL)
+    assert_one_line_error(missing, "no shift calibration beside", "python -m monai_grata.utils.calibrate_shift")
+    assert_ok(run_config("inference.json", min_shift=0.18, **overrides, **SMALL))  # or a threshold by hand
     masks = sorted(os.listdir(os.path.join(out, "masks")))
     assert masks == ["scan0_mask.nii.gz", "scan1_mask.nii.gz"]
     assert nib.load(os.path.join(out, "masks", masks[0])).shape[:2] == (50, 60)

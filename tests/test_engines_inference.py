@@ -13,12 +13,13 @@ from monai_grata.engines import (
     inference_handlers,
     job_adapter,
     job_inputs,
+    job_method,
     prepare_output_dir,
     run_name,
     run_params,
     source_network,
 )
-from monai_grata.tta import Tent, adapter_defaults, adapter_names, resolve_method
+from monai_grata.tta import Tent, adapter_defaults, adapter_names, read_shift_threshold, resolve_method
 
 from .conftest import REPO_ROOT
 
@@ -92,6 +93,17 @@ def test_job_adapter_builds_the_resolved_method_or_none():
     assert not job_adapter(resolve_method("tent", {}, task="spinalcord"), small_unet()).multilabel
     with pytest.raises(SystemExit, match="^error: --beta does not apply to the method 'tent'"):
         job_adapter(resolve_method("tent", {}, {"beta": 1e-4}, task="fundus"), small_unet())
+
+
+def test_job_method_reads_the_models_gate_or_exits_with_one_line(tmp_path):
+    shipped = os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt")
+    name, options = job_method("default", {}, {}, "fundus", shipped)
+    assert name == "grata" and options["min_shift"] == read_shift_threshold(shipped)
+    assert job_method("default", {}, {"min_shift": 0.3}, "fundus", shipped)[1]["min_shift"] == 0.3  # by hand
+    bare = tmp_path / "own_model.pt"  # a model trained elsewhere, never calibrated
+    bare.write_bytes(open(shipped, "rb").read())
+    with pytest.raises(SystemExit, match=r"^error: no shift calibration beside .*own_model.pt: run python -m "):
+        job_method("default", {}, {}, "fundus", str(bare))
 
 
 def test_run_params_are_what_ran():

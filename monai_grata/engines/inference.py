@@ -16,7 +16,7 @@ from torch import nn
 
 from monai_grata.data import BadInputError, TaskSpec, check_inputs, exit_on_bad_input, target_datalist
 from monai_grata.networks import load_weights
-from monai_grata.tta import TTAdapter, build_adapter, effective_options
+from monai_grata.tta import TTAdapter, build_adapter, effective_options, resolve_method
 from monai_grata.utils.files import make_output_dir
 from monai_grata.utils.run_config import export_run_config
 
@@ -27,6 +27,7 @@ __all__ = [
     "inference_handlers",
     "job_adapter",
     "job_inputs",
+    "job_method",
     "prepare_output_dir",
     "run_name",
     "run_params",
@@ -178,6 +179,32 @@ def prepare_output_dir(output_dir: str, config_name: str = "config.json") -> str
     """
     make_output_dir(output_dir)
     return export_run_config(f"{output_dir}/{config_name}")
+
+
+@exit_on_bad_input()
+def job_method(
+    method: str,
+    adapter_kwargs: Mapping[str, Mapping] | None,
+    options: Mapping | None,
+    task: TaskSpec | str | None,
+    ckpt_path: str | None,
+) -> tuple[str, dict]:
+    """The adapter name and options a job runs, by :func:`~monai_grata.tta.resolve_method`'s precedence (preset <
+    the bundle's ``adapter_kwargs`` < the command line).
+
+    Args:
+        method: the method as the user named it (a preset or a registered adapter).
+        adapter_kwargs: per registered adapter, the options the bundle config chooses.
+        options: the command line's options (``None``: not set).
+        task: the job's task.
+        ckpt_path: the source checkpoint, whose calibration gives ``min_shift="calibrated"`` (the default's gate)
+            its threshold.
+
+    Raises:
+        SystemExit: ``error: <problem>`` for a source model without the calibration the method needs (the message
+            names the command that writes it).
+    """
+    return resolve_method(method, adapter_kwargs, options, task, ckpt_path)
 
 
 @exit_on_bad_input()
