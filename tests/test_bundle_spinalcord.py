@@ -8,6 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from monai_grata.tta import read_shift_threshold
+
 from .conftest import REPO_ROOT
 from .test_bundle import assert_ok, assert_one_line_error, bundle, mlflow_runs
 from .test_bundle import run_config as run_bundle_config
@@ -32,7 +34,7 @@ def test_metadata_verifies_offline():
 def test_main_job_adapts_the_sample_and_writes_nifti_on_each_input_grid(tmp_path):
     out = tmp_path / "inference"
     printed = assert_ok(run_config("inference.json", output_dir=out))
-    assert "adapted with grata, 2 images in 2 domains" in printed and "Dice (cord, GM mean)" in printed
+    assert "adapted with default, 2 images in 2 domains" in printed and "Dice (cord, GM mean)" in printed
     images = sorted(glob.glob(os.path.join(BUNDLE, "sample", "*", "images", "*.nii.gz")))
     assert len(images) == 2
     codes = set()
@@ -51,8 +53,12 @@ def test_main_job_adapts_the_sample_and_writes_nifti_on_each_input_grid(tmp_path
     assert metrics["n_images"] == 2 and {"philips/dice_gm", "milan/dice_cord"} <= set(metrics)
     runs, client = mlflow_runs(str(out), "spinalcord_inference")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["method"] == "grata" and runs[0].data.params["num_patches"] == "4"
-    assert runs[0].data.params["adapter"] == "grata" and runs[0].data.params["multilabel"] == "False"  # as it ran
+    params = runs[0].data.params
+    assert params["method"] == "default" and params["num_patches"] == "4"
+    assert params["adapter"] == "grata" and params["multilabel"] == "False"  # as it ran
+    # the gate's threshold calibrated for the shipped model, the prior counted in patches
+    shipped = os.path.join(BUNDLE, "models", "source.pt")
+    assert float(params["min_shift"]) == read_shift_threshold(shipped) and params["bn_prior"] == "256.0"
     assert "dice_mean" in runs[0].data.metrics and client.get_metric_history(runs[0].info.run_id, "cos")
 
 
