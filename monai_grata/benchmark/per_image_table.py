@@ -10,7 +10,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
-from .table import _fmt, _mean_std, pair_label
+from .table import format_mean_std, mean_std, pair_label
 
 __all__ = [
     "image_name",
@@ -97,7 +97,7 @@ def summarise_per_image(values: PerImageValues, methods: Sequence[str], pairs: S
         {(pair, image, method): (mean, std, n_seeds)}}``; an image a method has no value for has no cell.
     """
     rows = sorted(dict.fromkeys((pair, image) for pair, image, _ in values), key=lambda row: pairs.index(row[0]))
-    cells = {key: (*_mean_std(seeds), len(seeds)) for key, seeds in values.items()}
+    cells = {key: (*mean_std(seeds), len(seeds)) for key, seeds in values.items()}
     return {"metric": metric, "methods": list(methods), "rows": rows, "cells": cells}
 
 
@@ -139,7 +139,8 @@ def write_per_image_markdown(table: dict, path: str, baseline: str | None = "non
     header = ["pair", "image", *methods]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for pair, image in table["rows"]:
-        row = [_fmt(*cells[(pair, image, m)][:2], digits=4) if (pair, image, m) in cells else "" for m in methods]
+        found = [cells.get((pair, image, m)) for m in methods]
+        row = [format_mean_std(*cell[:2], digits=4) if cell else "" for cell in found]
         lines.append("| " + " | ".join([pair, image, *row]) + " |")
     worst = worst_deltas(table, baseline) if baseline else {}
     if worst:

@@ -13,6 +13,8 @@ from .cells import VAL_SUFFIX
 
 __all__ = [
     "channels_of",
+    "format_mean_std",
+    "mean_std",
     "method_colours",
     "metrics_of",
     "pair_label",
@@ -43,7 +45,8 @@ def pair_label(source: str, target: str) -> str:
     return f"{source}→{target}"
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite ``values`` (NaN where there are too few)."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return float("nan"), float("nan")
@@ -72,7 +75,7 @@ def summarise(records: Sequence[Mapping], channels: Sequence[str] | None = None)
         grouped[(str(r["method"]), pair_label(str(r["source"]), str(r["target"])))].append(r)
     cells = {}
     for key, rows in grouped.items():
-        cells[key] = {m: (*_mean_std([float(r[m]) for r in rows if m in r]), len(rows)) for m in metrics}
+        cells[key] = {m: (*mean_std([float(r[m]) for r in rows if m in r]), len(rows)) for m in metrics}
     average, speed = {}, {}
     for method in methods:
         per_seed: dict[str, list[float]] = defaultdict(list)
@@ -81,14 +84,15 @@ def summarise(records: Sequence[Mapping], channels: Sequence[str] | None = None)
                 per_seed[str(r["seed"])].append(float(r["dice_mean"]))
         complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(shift_pairs)]
         if complete:  # mean ± std over the seeds that ran every pair
-            average[method] = _mean_std(complete)
+            average[method] = mean_std(complete)
         rates = [float(r["images_per_s"]) for (m, _), rows in grouped.items() if m == method for r in rows]
-        speed[method] = _mean_std(rates)[0]
+        speed[method] = mean_std(rates)[0]
     return {"methods": methods, "pairs": pairs, "shift_pairs": shift_pairs, "cells": cells, "average": average,
             "speed": speed, "metrics": metrics}  # fmt: skip
 
 
-def _fmt(mean: float, std: float, digits: int = 3) -> str:
+def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
+    """``mean ± std`` to ``digits`` decimals (``–`` for a missing mean, no ``±`` for a missing std)."""
     if not math.isfinite(mean):
         return "–"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
@@ -103,8 +107,8 @@ def write_markdown(summary: dict, path: str, baseline: str | None = "none") -> s
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method in summary["methods"]:
         row = [method]
-        row += [_fmt(*cells[(method, p)]["dice_mean"][:2]) if (method, p) in cells else "–" for p in pairs]
-        row.append(_fmt(*summary["average"].get(method, (float("nan"), float("nan"))), digits=4))
+        row += [format_mean_std(*cells[(method, p)]["dice_mean"][:2]) if (method, p) in cells else "–" for p in pairs]
+        row.append(format_mean_std(*summary["average"].get(method, (float("nan"), float("nan"))), digits=4))
         if has_baseline:
             deltas = [
                 cells[(method, p)]["dice_mean"][0] - cells[(baseline, p)]["dice_mean"][0]
