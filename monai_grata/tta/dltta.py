@@ -561,6 +561,7 @@ def train_autoencoders(
     key_layer: str | None = None,
     max_iterations: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    resume_path: str | None = None,
 ) -> FeatureAutoencoders:
     """Fit DLTTA's autoencoders to the source network's features on source images, as the authors' ``aenet`` stage
     does (models/basemodel.py ``opt_AENet``; scripts/train_oct.sh: 20 epochs, batches of 2): the network in eval mode
@@ -578,10 +579,17 @@ def train_autoencoders(
         key_layer: as :class:`DLTTA` takes it.
         max_iterations: steps per epoch at most (short runs).
         on_epoch: called after every epoch with its number (from 1) and the mean loss of its steps (e.g. to log it).
+        resume_path: a file the state of the fit (weights, Adam, the order's generator, the epoch) is written to
+            after every epoch and, when it exists, continued from: an interrupted fit resumes at its next epoch and
+            ends as an uninterrupted one would. None: nothing is written.
 
     Returns:
         The autoencoders, in eval mode; save them with :func:`save_autoencoders` (as :func:`default_autoencoder_path`
         names them, :class:`DLTTA` finds them beside the checkpoint).
+
+    Raises:
+        BadInputError: a ``resume_path`` of another fit (other levels or other ``epochs``, ``batch_size``, ``lr``,
+            ``seed`` or number of images).
     """
     network = copy.deepcopy(model).eval().requires_grad_(False)
     layers = find_dltta_layers(network, adaptor_layers, key_layer)
@@ -594,8 +602,12 @@ def train_autoencoders(
         autoencoders = FeatureAutoencoders(_level_specs(layers, image_adaptor)).to(device)
     optimizer = torch.optim.Adam(autoencoders.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "images": len(images)}
+    first_epoch = 1
+    if resume_path is not None and os.path.isfile(resume_path):
+        first_epoch = _resume_fit(resume_path, autoencoders, optimizer, generator, settings) + 1
     autoencoders.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         order, losses = torch.randperm(len(images), generator=generator), []
         for step, start in enumerate(range(0, len(images), batch_size)):
             if max_iterations is not None and step >= max_iterations:
@@ -610,10 +622,54 @@ def train_autoencoders(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+        if resume_path is not None:
+            _save_fit(resume_path, autoencoders, optimizer, generator, settings, epoch)
         if on_epoch is not None:
             on_epoch(epoch, sum(losses) / max(len(losses), 1))
     recorder.remove()
     return autoencoders.eval()
+
+
+def _save_fit(
+    path: str,
+    autoencoders: FeatureAutoencoders,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    settings: dict,
+    epoch: int,
+) -> None:
+    """Write the fit's state after ``epoch`` to a temporary file, then move it onto ``path`` (an interruption
+    leaves the previous epoch's state)."""
+    state = {
+        "levels": autoencoders.levels,
+        "settings": settings,
+        "epoch": epoch,
+        "autoencoders": autoencoders.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+    }
+    temporary = f"{path}.{os.getpid()}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _resume_fit(
+    path: str,
+    autoencoders: FeatureAutoencoders,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    settings: dict,
+) -> int:
+    """Load the state :func:`_save_fit` wrote into the fit's objects; return the epoch it was written after."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("levels") != autoencoders.levels or state.get("settings") != settings:
+        raise BadInputError(
+            f"{path!r} is the state of another fit ({state.get('settings')}, not {settings}): delete it to start over"
+        )
+    autoencoders.load_state_dict(state["autoencoders"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return int(state["epoch"])
 
 
 # --- the adapter ---------------------------------------------------------------------------------------------------

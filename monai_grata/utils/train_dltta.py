@@ -8,6 +8,8 @@ python -m monai_grata.utils.train_dltta --bundle grata --ckpt_path bundles/grata
 
 The file is written beside the checkpoint under the name :class:`~monai_grata.tta.dltta.DLTTA` looks for
 (:func:`~monai_grata.tta.dltta.default_autoencoder_path`: ``source_<name>.pt`` → ``dltta_<name>.pt``), once, at the end.
+After every epoch the state of the fit is kept in ``<out_path>.partial``; the same command run again continues from
+it (a fundus source domain takes hours on a CPU) and deletes it once the file is written.
 
 The images are those the source network was trained on, as the bundle's ``train.json`` takes them, preprocessed as
 its ``inference.json`` does (no augmentation, as the authors' ``aenet`` stage, ``--aprob=0``):
@@ -40,6 +42,8 @@ __all__ = ["BUNDLES", "save_atomically", "source_images", "source_network"]
 BUNDLES = ("grata", "spinalcord_gm")
 #: the share of a fundus source domain ``train.json`` holds out for validation (seed 0)
 FUNDUS_VAL_FRACTION = 0.2
+#: the state of an unfinished fit is kept beside the output file under its name and this suffix
+PARTIAL_SUFFIX = ".partial"
 
 
 def _check_bundle(bundle: str) -> None:
@@ -172,9 +176,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError(f"need --epochs >= 1 and --batch_size >= 1, got {args.epochs} and {args.batch_size}")
     out_path = args.out_path or default_autoencoder_path(args.ckpt_path)
+    partial_path = out_path + PARTIAL_SUFFIX
     network = source_network(args.bundle, args.ckpt_path).to(args.device)
     images = source_images(args.bundle, args.dataset_dir, _domains(args.source), args.datalist, args.image_size)
     print(f"DLTTA autoencoders for {args.ckpt_path}: {len(images)} source images {tuple(images.shape[1:])}", flush=True)
+    if os.path.isfile(partial_path):
+        print(f"continuing the fit kept in {partial_path}", flush=True)
     start = last = time.perf_counter()
 
     def log_epoch(epoch: int, loss: float) -> None:
@@ -192,8 +199,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         seed=args.seed,
         max_iterations=args.max_iterations,
         on_epoch=log_epoch,
+        resume_path=partial_path,
     )
     save_atomically(autoencoders.cpu(), out_path)
+    os.unlink(partial_path)
     print(f"saved {out_path} after {time.perf_counter() - start:.0f} s", flush=True)
     return out_path
 
