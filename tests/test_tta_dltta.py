@@ -358,8 +358,8 @@ def test_bad_options_raise():
 
 def test_an_interrupted_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path):
     net = ToyUNet()
-    source = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    whole = train_autoencoders(net, source, epochs=3, batch_size=2)
+    source = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    whole = train_autoencoders(net, source, epochs=2, batch_size=2)
     resume_path = str(tmp_path / "fit.partial")
 
     def interrupt_after_first(epoch, loss):
@@ -367,13 +367,13 @@ def test_an_interrupted_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupte
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_autoencoders(net, source, epochs=3, batch_size=2, resume_path=resume_path, on_epoch=interrupt_after_first)
+        train_autoencoders(net, source, epochs=2, batch_size=2, resume_path=resume_path, on_epoch=interrupt_after_first)
     epochs = []
     resumed = train_autoencoders(
-        net, source, epochs=3, batch_size=2, resume_path=resume_path, on_epoch=lambda e, loss: epochs.append(e)
+        net, source, epochs=2, batch_size=2, resume_path=resume_path, on_epoch=lambda e, loss: epochs.append(e)
     )
-    assert epochs == [2, 3]
+    assert epochs == [2]
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value)
     with pytest.raises(BadInputError, match="another fit"):
-        train_autoencoders(net, source, epochs=4, batch_size=2, resume_path=resume_path)
+        train_autoencoders(net, source, epochs=3, batch_size=2, resume_path=resume_path)
