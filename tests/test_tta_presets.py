@@ -33,7 +33,12 @@ def test_a_preset_sets_its_own_options(name):
 
 
 def test_the_default_is_the_gated_grata_on_the_model_calibration_and_source_prior_the_statistics_alone():
-    assert PRESETS["default"]["options"] == {**PRESETS["grata_gated"]["options"], "min_shift": CALIBRATED}
+    assert PRESETS["default"]["options"] == {
+        **PRESETS["grata_gated"]["options"],
+        "min_shift": CALIBRATED,
+        "reuse_teacher": True,
+        "teacher_channels_last": True,
+    }
     assert resolve_method("default", ckpt_path=CKPT)[1]["min_shift"] == 0.152551
     with pytest.raises(ValueError, match="ckpt_path"):
         resolve_method("default")
@@ -48,6 +53,7 @@ def test_the_gated_preset_builds_a_gated_grata(name, threshold):
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
     assert (adapter.min_shift, adapter.steps, adapter.beta, adapter.multilabel) == (threshold, 3, 1e-3, True)
+    assert adapter.reuse_teacher == (name == "default")
 
 
 def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
@@ -56,7 +62,8 @@ def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
     command_line = {"beta": 1e-4, "steps": None, "min_shift": 0.3}
     method, options = resolve_method("default", bundle, command_line)
     assert method == "grata"
-    assert options == {"beta": 1e-4, "bn_prior": 64.0, "steps": 3, "min_shift": 0.3, "seed": 5}
+    cuts = {"reuse_teacher": True, "teacher_channels_last": True}
+    assert options == {"beta": 1e-4, "bn_prior": 64.0, "steps": 3, "min_shift": 0.3, "seed": 5, **cuts}
 
 
 def test_the_task_sits_just_above_the_constructor_defaults():
