@@ -25,7 +25,9 @@ def test_stream_mode_times_each_method_over_the_stream_and_counts_updates(tmp_pa
     rows = results["methods"]
     assert list(rows) == ["plain inference", *methods]
     assert all(row["ms_per_image"] > 0 for row in rows.values())
-    assert rows["default"]["spec"] == "grata:beta=0.001,bn_prior=256,min_shift=calibrated,steps=3"
+    assert rows["default"]["spec"] == (
+        "grata:beta=0.001,bn_prior=256,min_shift=calibrated,reuse_teacher=true,steps=3,teacher_channels_last=true"
+    )
     assert 0 <= rows["default"]["updated_images"] <= 3
     assert rows[methods[1]]["updated_images"] == 2  # settled after the first update: images 1 and 3
     assert rows["norm"]["updated_images"] is None  # no update to count
