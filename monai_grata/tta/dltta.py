@@ -649,8 +649,12 @@ def _save_fit(
         "generator": generator.get_state(),
     }
     temporary = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def _resume_fit(
