@@ -11,7 +11,7 @@ from monai_grata.benchmark import Cell, parse_method
 from monai_grata.benchmark.__main__ import build_parser, run_key
 from monai_grata.benchmark.__main__ import main as benchmark_main
 from monai_grata.benchmark.compare import records_from_store
-from monai_grata.benchmark.distributed import rank_device
+from monai_grata.benchmark.distributed import rank_device, shard
 from monai_grata.benchmark.store import (
     BenchmarkStore,
     _rank_store_paths,
@@ -39,6 +39,21 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
         [*command, "-m", "monai_grata.benchmark", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("by_method", [False, True])
+def test_shard_gives_every_rank_a_share_of_every_group(monkeypatch, by_method):
+    # two methods per pair on two ranks: a plain deal gives rank 0 every "n" (No Adapt), rank 1 every "D"
+    items = ["n0", "D0", "n1", "D1", "n2", "D2"]
+    monkeypatch.setattr("ignite.distributed.get_world_size", lambda: 2)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr("ignite.distributed.get_rank", lambda rank=rank: rank)
+        shares.append(shard(items, group=(lambda item: item[0]) if by_method else None))
+    assert sorted(shares[0] + shares[1]) == sorted(items)  # each item once
+    assert all(share == [i for i in items if i in share] for share in shares)  # in the given order
+    methods = [{item[0] for item in share} for share in shares]
+    assert methods == ([{"n", "D"}, {"n", "D"}] if by_method else [{"n"}, {"D"}])
 
 
 def test_a_cell_left_in_a_rank_store_is_not_run_again_and_is_merged(tmp_path):

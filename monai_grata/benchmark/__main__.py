@@ -203,7 +203,7 @@ def run_grid(cells: list[Cell], args: argparse.Namespace, device: torch.device) 
             store = rank_store(uri, rank, args.experiment, launch=plan["launch"])
         else:
             store = store or BenchmarkStore(uri, args.experiment)
-    run_cells(shard([cells[i] for i in todo]), args, device, store, done)
+    run_cells(shard([cells[i] for i in todo], group=lambda c: c.method.label), args, device, store, done)
     if world_size > 1:
         idist.barrier()
         if rank > 0:

@@ -2,9 +2,9 @@
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins one gloo process group, takes the GPU ``LOCAL_RANK`` modulo
 the machine's GPUs (so several ranks may share one GPU: at batch size 1 one process leaves a GPU idle between kernel
-launches), takes every N-th cell still to run, and logs its cells; rank 0 then builds the table. The group only
-carries the list of cells still to run and the barriers, so gloo serves GPU ranks too (nccl refuses two ranks on
-one GPU).
+launches), takes its share of every method's cells still to run, and logs its cells; rank 0 then builds the
+table. The group only carries the list of cells still to run and the barriers, so gloo serves GPU ranks too (nccl
+refuses two ranks on one GPU).
 Where the cells are logged (the store scheme) is decided in ``__main__``: a SQLite store takes one writer, so each
 rank writes ``mlflow_rank{r}-{launch}.db`` and rank 0 merges them
 (:func:`~monai_grata.benchmark.store.merge_rank_stores`); a tracking server takes every rank's writes directly.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -81,11 +81,23 @@ def process_group(device: str) -> Iterator[torch.device]:
         idist.finalize()
 
 
-def shard(items: Sequence[T]) -> list[T]:
-    """This rank's share of ``items``: every ``world_size``-th item from its rank on.
+def shard(items: Sequence[T], group: Callable[[T], Hashable] | None = None) -> list[T]:
+    """This rank's share of ``items``: round-robin over the ranks, each group's items dealt in turn.
 
-    Round-robin keeps each rank's items in the given order (so a rank still loads each target once) and mixes
-    cheap and costly methods on every rank. Unlike ``monai.data.partition_dataset`` it allows fewer items than
-    ranks, as a resumed run often has.
+    Round-robin keeps each rank's items in the given order (so a rank still loads each target once). Dealing one
+    group after another, the deal running on from where the previous group's ended, gives every rank a share of
+    every group (e.g. of every method, whose costs differ tenfold), where a plain deal of a grid with as many
+    methods per pair as ranks would give one rank all cells of one method. Unlike
+    ``monai.data.partition_dataset`` it allows fewer items than ranks, as a resumed run often has.
+
+    Args:
+        items: the items to share, in the order each rank should run its share.
+        group: the key of an item's group; ``None`` deals the items as they come.
     """
-    return list(items[idist.get_rank() :: idist.get_world_size()])
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    order = list(range(len(items)))
+    if group is not None:
+        first_seen = {key: n for n, key in enumerate(dict.fromkeys(group(item) for item in items))}
+        order.sort(key=lambda i: first_seen[group(items[i])])  # stable: each group keeps the given order
+    mine = sorted(order[rank::world_size])
+    return [items[i] for i in mine]
