@@ -14,8 +14,8 @@ from PIL import Image
 from monai_grata.data import fundus_preprocessing, split_train_val, volume_preprocessing
 from monai_grata.data.datalist import domain_datalist
 from monai_grata.networks.slicewise import SliceWise
-from monai_grata.tta.dltta import DLTTA, FeatureAutoencoders, load_autoencoders
-from monai_grata.utils.train_dltta import main, save_atomically, source_images, source_network
+from monai_grata.tta.dltta import DLTTA, FeatureAutoencoders, load_autoencoders, save_autoencoders
+from monai_grata.utils.train_dltta import main, source_images, source_network
 
 from .conftest import REPO_ROOT
 
@@ -112,7 +112,7 @@ def test_an_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(KeyboardInterrupt):
-        save_atomically(FeatureAutoencoders([]), str(path))
+        save_autoencoders(FeatureAutoencoders([]), str(path))
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["dltta_source.pt"]
 
 

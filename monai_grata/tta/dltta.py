@@ -27,6 +27,7 @@ from torch import nn
 
 from monai_grata.data.checks import BadInputError, MissingInputError
 from monai_grata.networks.denoiser import tap_features
+from monai_grata.utils.files import atomic_write
 
 from .base import GradientAdapter, register_adapter, require_multilabel
 from .normalization import AdaptiveBatchNorm, BatchNormPolicy, adaptive_batch_norms, convert_to_adaptive_batch_norm
@@ -497,9 +498,10 @@ def default_autoencoder_path(ckpt_path: str) -> str:
 
 
 def save_autoencoders(autoencoders: FeatureAutoencoders, path: str) -> None:
-    """Save the autoencoders' levels and weights to one file (read by :func:`load_autoencoders`)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"levels": autoencoders.levels, "state_dict": autoencoders.state_dict()}, path)
+    """Save the autoencoders' levels and weights to one file (read by :func:`load_autoencoders`); an interrupted
+    save leaves the previous file, or none."""
+    with atomic_write(path, "wb") as f:
+        torch.save({"levels": autoencoders.levels, "state_dict": autoencoders.state_dict()}, f)
 
 
 def load_autoencoders(path: str) -> FeatureAutoencoders:
@@ -638,8 +640,7 @@ def _save_fit(
     settings: dict,
     epoch: int,
 ) -> None:
-    """Write the fit's state after ``epoch`` to a temporary file, then move it onto ``path`` (an interruption
-    leaves the previous epoch's state)."""
+    """Write the fit's state after ``epoch`` to ``path`` (an interruption leaves the previous epoch's state)."""
     state = {
         "levels": autoencoders.levels,
         "settings": settings,
@@ -648,13 +649,8 @@ def _save_fit(
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
     }
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _resume_fit(

@@ -25,7 +25,6 @@ its ``inference.json`` does (no augmentation, as the authors' ``aenet`` stage, `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -36,7 +35,7 @@ from torch import nn
 
 from monai_grata.tta.dltta import default_autoencoder_path, save_autoencoders, train_autoencoders
 
-__all__ = ["BUNDLES", "save_atomically", "source_images", "source_network"]
+__all__ = ["BUNDLES", "source_images", "source_network"]
 
 #: the bundles whose source networks and images this command knows
 BUNDLES = ("grata", "spinalcord_gm")
@@ -121,24 +120,6 @@ def source_images(
     return torch.cat([volume.movedim(-1, 0) for volume in volumes])  # (C, H, W, D) -> D slices (C, H, W)
 
 
-def save_atomically(autoencoders: nn.Module, path: str) -> None:
-    """Write the autoencoders to a temporary file beside ``path``, then move it onto ``path`` (an interrupted run
-    leaves the previous file, or none).
-
-    Args:
-        autoencoders: the fitted :class:`~monai_grata.tta.dltta.FeatureAutoencoders`.
-        path: the file :func:`~monai_grata.tta.dltta.load_autoencoders` reads.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        save_autoencoders(autoencoders, temporary)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-
-
 def _domains(values: Sequence[str]) -> list[str]:
     """``--source a b`` or ``--source a+b`` (the bundles' ``source`` string)."""
     return [domain for value in values for domain in value.split("+") if domain]
@@ -201,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         on_epoch=log_epoch,
         resume_path=partial_path,
     )
-    save_atomically(autoencoders.cpu(), out_path)
+    save_autoencoders(autoencoders.cpu(), out_path)
     os.unlink(partial_path)
     print(f"saved {out_path} after {time.perf_counter() - start:.0f} s", flush=True)
     return out_path
