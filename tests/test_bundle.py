@@ -207,13 +207,14 @@ def test_inference_adapts_writes_masks_metrics_and_mlflow(source_model, tmp_path
 
 @pytest.mark.parametrize("overrides,beta", [({"beta": 1e-4}, "0.0001"), ({}, "0.001")])
 def test_inference_logs_the_options_that_ran(overrides, beta, tmp_path):
-    # preset < bundle config < command line: `--method default --beta 1e-4` runs (and logs) 1e-4, although
+    # preset < bundle config < command line: `--method grata_calibrated --beta 1e-4` runs (and logs) 1e-4, although
     # 1e-4 is also GraTa's own default; without --beta the preset's 1e-3 runs
     out = str(tmp_path / "out")
-    assert_ok(run_config("inference.json", method="default", max_images=2, output_dir=out, **overrides, **SMALL))
+    method = "grata_calibrated"
+    assert_ok(run_config("inference.json", method=method, max_images=2, output_dir=out, **overrides, **SMALL))
     runs, _ = mlflow_runs(out, "grata_inference")
     params = runs[0].data.params
-    assert params["method"] == "default" and params["adapter"] == "grata" and params["beta"] == beta
+    assert params["method"] == method and params["adapter"] == "grata" and params["beta"] == beta
     # the gate's threshold as calibrated for the shipped refuge_train model, not a hand-set number
     calibrated = read_shift_threshold(os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt"))
     assert (params["steps"], float(params["min_shift"]), params["bn_prior"]) == ("3", calibrated, "256.0")
@@ -230,10 +231,11 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan{i}.nii.gz"))
     out = str(tmp_path / "out")
     overrides = {"ckpt_path": source_model, "dataset_dir": folder, "output_dir": out}
-    # a model trained without the source data at hand has no gate calibration: the default says how to make it
-    missing = run_config("inference.json", **overrides, **SMALL)
+    # a model trained without the source data at hand has no gate calibration: the default needs none, and the
+    # calibrated GraTa says how to make it
+    missing = run_config("inference.json", method="grata_calibrated", **overrides, **SMALL)
     assert_one_line_error(missing, "no shift calibration beside", "python -m monai_grata.utils.calibrate_shift")
-    assert_ok(run_config("inference.json", min_shift=0.18, **overrides, **SMALL))  # or a threshold by hand
+    assert_ok(run_config("inference.json", **overrides, **SMALL))
     masks = sorted(os.listdir(os.path.join(out, "masks")))
     assert masks == ["scan0_mask.nii.gz", "scan1_mask.nii.gz"]
     assert nib.load(os.path.join(out, "masks", masks[0])).shape[:2] == (50, 60)

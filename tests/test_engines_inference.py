@@ -97,13 +97,13 @@ def test_job_adapter_builds_the_resolved_method_or_none():
 
 def test_job_method_reads_the_models_gate_or_exits_with_one_line(tmp_path):
     shipped = os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt")
-    name, options = job_method("default", {}, {}, "fundus", shipped)
+    name, options = job_method("grata_calibrated", {}, {}, "fundus", shipped)
     assert name == "grata" and options["min_shift"] == read_shift_threshold(shipped)
-    assert job_method("default", {}, {"min_shift": 0.3}, "fundus", shipped)[1]["min_shift"] == 0.3  # by hand
+    assert job_method("grata_calibrated", {}, {"min_shift": 0.3}, "fundus", shipped)[1]["min_shift"] == 0.3
     bare = tmp_path / "own_model.pt"  # a model trained elsewhere, never calibrated
     bare.write_bytes(open(shipped, "rb").read())
     with pytest.raises(SystemExit, match=r"^error: no shift calibration beside .*own_model.pt: run python -m "):
-        job_method("default", {}, {}, "fundus", str(bare))
+        job_method("grata_calibrated", {}, {}, "fundus", str(bare))
 
 
 def test_run_params_are_what_ran():

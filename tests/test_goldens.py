@@ -28,9 +28,10 @@ SPINALCORD = os.path.join(REPO_ROOT, "bundles", "spinalcord_gm", "configs")
 CASES = {
     **{
         f"grata:{m}": (FUNDUS, {"method": m, "datalist": FUNDUS_DATALIST})
-        for m in ("none", "default", "paper", "source_prior", "tent", "dua", "diga", "sar")
+        for m in ("none", "default", "grata_calibrated", "paper", "source_prior", "tent", "dua", "diga", "sar")
     },
     "spinalcord_gm:default": (SPINALCORD, {}),
+    "spinalcord_gm:grata_calibrated": (SPINALCORD, {"method": "grata_calibrated"}),
 }
 TOLERANCE = 1e-4
 #: the jobs' CPU threads, as when the goldens were recorded: reductions summed in another order move DUA's running

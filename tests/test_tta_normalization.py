@@ -158,6 +158,36 @@ def test_frozen_statistics_reproduce_the_recorded_forward(policy):
         torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_the_first_layers_take_their_own_prior_and_the_others_keep_the_policys():
+    x = torch.rand(1, 3, 16, 16) * 3 + 1
+    net = tiny_net()
+    reference = copy.deepcopy(net).eval()
+    reference[1].train()  # the first BatchNorm on the batch's own statistics, the second on the source's
+    expected = reference(x)
+    adapted = adaptive(net, prior=math.inf, first_layers=1)
+    assert adapted[1].policy == BatchNormPolicy(prior=0.0) and adapted[4].policy == BatchNormPolicy(prior=math.inf)
+    torch.testing.assert_close(adapted(x), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(adapted[1].running_mean, net[1].running_mean)  # the source statistics are not moved
+    mixed = adaptive(net, prior=4.0, momentum=0.1, first_layers=1, first_prior=2.0)
+    assert mixed[1].policy == BatchNormPolicy(prior=2.0) and mixed[4].policy == BatchNormPolicy(4.0, 0.1)
+    first_mixed = copy.deepcopy(net)
+    first_mixed[4] = adaptive(nn.Sequential(net[4]), prior=math.inf)[0]  # the reference: one layer at a time
+    first_mixed[1] = adaptive(nn.Sequential(net[1]), prior=2.0)[0]
+    torch.testing.assert_close(adaptive(net, prior=math.inf, first_layers=1, first_prior=2.0)(x), first_mixed(x))
+    assert build_adapter("norm", copy.deepcopy(net), bn_prior=math.inf, bn_first_layers=1).normalization == (
+        BatchNormPolicy(prior=math.inf, first_layers=1)
+    )
+    torch.testing.assert_close(build_adapter("norm", net, bn_prior=math.inf, bn_first_layers=1)(x), expected)
+    with pytest.raises(ValueError, match="first_layers=3, but Sequential has 2 BatchNorm layers"):
+        adaptive(net, first_layers=3)
+    for bad in (-1, 0.5):
+        with pytest.raises(ValueError, match="bn_first_layers"):
+            BatchNormPolicy(first_layers=bad)
+    with pytest.raises(ValueError, match="bn_first_prior"):
+        BatchNormPolicy(first_layers=1, first_prior=-1.0)
+
+
 def test_the_shift_reads_the_public_running_statistics():
     net, x = tiny_net(), torch.rand(1, 3, 16, 16) * 3 + 1
     assert batch_norm_shift(adaptive(net, prior=math.inf), x) == batch_norm_shift(net.eval(), x)

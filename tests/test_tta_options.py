@@ -26,7 +26,7 @@ from .test_tta_baselines import images, sharp_net
 #: the batches each adapter sees: enough for a memory bank, a momentum schedule or a reset to show
 N_BATCHES = 5
 #: the flat options of a BatchNorm policy, documented through the constructor's ``normalization`` argument
-POLICY_OPTIONS = {"bn_prior": "normalization", "bn_momentum": "normalization"}
+POLICY_OPTIONS = {name: "normalization" for name in ("bn_prior", "bn_momentum", "bn_first_layers", "bn_first_prior")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,10 @@ def _policy_cases(prior_value: float = 4.0) -> dict[str, Case]:
     return {
         "bn_prior": Case(prior_value),
         "bn_momentum": Case(0.5, base={"bn_prior": 4.0}, why="a momentum moves a source prior: needs bn_prior > 0"),
+        "bn_first_layers": Case(1, base={"bn_prior": 4.0}, why="the first layer on the batch alone: needs a prior"),
+        "bn_first_prior": Case(
+            2.0, base={"bn_prior": 4.0, "bn_first_layers": 1}, why="the first layers' prior: needs first layers"
+        ),
     }
 
 

@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -5,6 +6,7 @@ from monai.networks.nets import UNet
 
 from monai_grata.data.checks import MissingInputError
 from monai_grata.tta import CALIBRATED, PRESETS, adapter_names, build_adapter, effective_options, resolve_method
+from monai_grata.tta.normalization import adaptive_batch_norms
 
 from .conftest import REPO_ROOT
 
@@ -32,35 +34,45 @@ def test_a_preset_sets_its_own_options(name):
     assert {k: options[k] for k in preset} == preset
 
 
-def test_the_default_is_the_gated_grata_on_the_model_calibration_and_source_prior_the_statistics_alone():
-    assert PRESETS["default"]["options"] == {
+def test_the_default_puts_the_stem_on_test_statistics_and_source_prior_the_statistics_alone():
+    stem = {"method": "norm", "options": {"bn_prior": math.inf, "bn_first_layers": 1}}
+    assert PRESETS["default"] == PRESETS["stem_statistics"] == stem
+    model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    method, options = resolve_method("default", task="fundus")
+    adapter = build_adapter(method, model, **options)
+    priors = [layer.policy.prior for layer in adaptive_batch_norms(adapter.model)]
+    assert priors == [0.0, math.inf]  # no calibration file needed
+    assert resolve_method("source_prior", KWARGS) == ("norm", {"bn_prior": 256.0, "episodic": False})
+
+
+def test_grata_calibrated_is_the_gated_grata_on_the_model_calibration():
+    assert PRESETS["grata_calibrated"]["options"] == {
         **PRESETS["grata_gated"]["options"],
         "min_shift": CALIBRATED,
         "reuse_teacher": True,
         "teacher_channels_last": True,
     }
-    assert resolve_method("default", ckpt_path=CKPT)[1]["min_shift"] == 0.152551
+    assert resolve_method("grata_calibrated", ckpt_path=CKPT)[1]["min_shift"] == 0.152551
     with pytest.raises(ValueError, match="ckpt_path"):
-        resolve_method("default")
+        resolve_method("grata_calibrated")
     with pytest.raises(MissingInputError, match="calibrate_shift"):
-        resolve_method("default", ckpt_path=os.path.join(REPO_ROOT, "no_such_model.pt"))
-    assert resolve_method("source_prior", KWARGS) == ("norm", {"bn_prior": 256.0, "episodic": False})
+        resolve_method("grata_calibrated", ckpt_path=os.path.join(REPO_ROOT, "no_such_model.pt"))
 
 
-@pytest.mark.parametrize("name, threshold", [("default", 0.152551), ("grata_gated", 0.18)])
+@pytest.mark.parametrize("name, threshold", [("grata_calibrated", 0.152551), ("grata_gated", 0.18)])
 def test_the_gated_preset_builds_a_gated_grata(name, threshold):
     method, options = resolve_method(name, {"grata": {"seed": 1}}, task="fundus", ckpt_path=CKPT)
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     adapter = build_adapter(method, model, **options)
     assert (adapter.min_shift, adapter.steps, adapter.beta, adapter.multilabel) == (threshold, 3, 1e-3, True)
-    assert adapter.reuse_teacher == (name == "default")
+    assert adapter.reuse_teacher == (name == "grata_calibrated")
 
 
 def test_precedence_is_defaults_then_preset_then_bundle_then_command_line():
     # the bundle's explicit choice beats the preset; what the user passed beats both; None means "not set"
     bundle = {"grata": {"seed": 5, "bn_prior": 64.0}}
     command_line = {"beta": 1e-4, "steps": None, "min_shift": 0.3}
-    method, options = resolve_method("default", bundle, command_line)
+    method, options = resolve_method("grata_calibrated", bundle, command_line)
     assert method == "grata"
     cuts = {"reuse_teacher": True, "teacher_channels_last": True}
     assert options == {"beta": 1e-4, "bn_prior": 64.0, "steps": 3, "min_shift": 0.3, "seed": 5, **cuts}
@@ -80,13 +92,14 @@ def test_the_task_sits_just_above_the_constructor_defaults():
 
 
 def test_a_value_equal_to_the_constructor_default_still_wins_over_the_preset():
-    # --method default --beta 1e-4: 1e-4 is GraTa's own default, and still what runs
-    assert resolve_method("default", {}, {"beta": 1e-4}, ckpt_path=CKPT)[1]["beta"] == 1e-4
-    assert resolve_method("default", {}, {"beta": None}, ckpt_path=CKPT)[1]["beta"] == 1e-3
-    assert resolve_method("default", {"grata": {"min_shift": None}})[1]["min_shift"] is None  # the bundle's choice
+    # --method grata_calibrated --beta 1e-4: 1e-4 is GraTa's own default, and still what runs
+    assert resolve_method("grata_calibrated", {}, {"beta": 1e-4}, ckpt_path=CKPT)[1]["beta"] == 1e-4
+    assert resolve_method("grata_calibrated", {}, {"beta": None}, ckpt_path=CKPT)[1]["beta"] == 1e-3
+    bundle = {"grata": {"min_shift": None}}
+    assert resolve_method("grata_calibrated", bundle)[1]["min_shift"] is None  # the bundle's choice
 
 
 def test_effective_options_are_the_constructor_defaults_updated():
-    options = effective_options("grata", resolve_method("default", ckpt_path=CKPT)[1])
+    options = effective_options("grata", resolve_method("grata_calibrated", ckpt_path=CKPT)[1])
     assert options["beta"] == 1e-3 and options["steps"] == 3 and options["aux"] == "entropy"
     assert effective_options("grata", {})["beta"] == 1e-4 and "model" not in options

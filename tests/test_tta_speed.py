@@ -17,7 +17,7 @@ def load_benchmark():
 
 def test_stream_mode_times_each_method_over_the_stream_and_counts_updates(tmp_path):
     output = tmp_path / "stream.json"
-    methods = ["default", "grata:bn_prior=16,steps=2,reuse_teacher=true,settle=1,settle_every=2", "norm"]
+    methods = ["grata_calibrated", "grata:bn_prior=16,steps=2,reuse_teacher=true,settle=1,settle_every=2", "norm"]
     argv = ["--stream", "--device", "cpu", "--max_images", "3", "--image_size", "64", "--ckpt", "none"]
     results = load_benchmark().main([*argv, "--methods", *methods, "--json", str(output)])
     assert json.loads(output.read_text()) == results
@@ -25,10 +25,10 @@ def test_stream_mode_times_each_method_over_the_stream_and_counts_updates(tmp_pa
     rows = results["methods"]
     assert list(rows) == ["plain inference", *methods]
     assert all(row["ms_per_image"] > 0 for row in rows.values())
-    assert rows["default"]["spec"] == (
+    assert rows["grata_calibrated"]["spec"] == (
         "grata:beta=0.001,bn_prior=256,min_shift=calibrated,reuse_teacher=true,steps=3,teacher_channels_last=true"
     )
-    assert 0 <= rows["default"]["updated_images"] <= 3
+    assert 0 <= rows["grata_calibrated"]["updated_images"] <= 3
     assert rows[methods[1]]["updated_images"] == 2  # settled after the first update: images 1 and 3
     assert rows["norm"]["updated_images"] is None  # no update to count
 

@@ -47,6 +47,8 @@ JOB_OPTIONS: dict[str, str] = {
     "episodic": "episodic",
     "bn_prior": "bn_prior",
     "bn_momentum": "bn_momentum",
+    "bn_first_layers": "bn_first_layers",
+    "bn_first_prior": "bn_first_prior",
     "aux": "aux",
     "pseudo": "pseudo",
     "activation": "activation",

@@ -43,7 +43,12 @@ NORM_LAYERS = (
     nn.LayerNorm,
 )
 #: the flat options :func:`build_adapter` turns into an adapter's :class:`~monai_grata.tta.BatchNormPolicy`
-NORMALIZATION_OPTIONS = {"bn_prior": "prior", "bn_momentum": "momentum"}
+NORMALIZATION_OPTIONS = {
+    "bn_prior": "prior",
+    "bn_momentum": "momentum",
+    "bn_first_layers": "first_layers",
+    "bn_first_prior": "first_prior",
+}
 #: what ``adapter(x)`` returns: the prediction before or after the update on ``x``
 PREDICTION_ORDERS = ("before", "after")
 _REGISTRY: dict[str, type[TTAdapter]] = {}
@@ -96,7 +101,7 @@ def _takes_normalization(cls: type[TTAdapter]) -> bool:
 def adapter_defaults(name: str) -> dict:
     """The options :func:`build_adapter` takes for the adapter registered as ``name``, with their defaults: its
     constructor's keyword arguments, the policy ``normalization`` given as the flat options ``bn_prior`` and
-    ``bn_momentum`` of the adapter's default policy."""
+    ``bn_momentum``, ``bn_first_layers`` and ``bn_first_prior`` of the adapter's default policy."""
     cls = adapter_class(name)
     parameters = inspect.signature(cls).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
@@ -129,6 +134,8 @@ def build_adapter(
     model: nn.Module,
     bn_prior: float | None = None,
     bn_momentum: float | None = None,
+    bn_first_layers: int | None = None,
+    bn_first_prior: float | None = None,
     task: TaskSpec | str | None = None,
     **kwargs,
 ) -> TTAdapter:
@@ -140,15 +147,17 @@ def build_adapter(
         bn_prior: the flat form of the policy's ``prior`` (:class:`~monai_grata.tta.BatchNormPolicy`), for adapters
             that take a ``normalization`` policy; None: the adapter's default.
         bn_momentum: likewise, the policy's ``momentum``.
+        bn_first_layers: likewise, the policy's ``first_layers`` (how many first layers take ``first_prior``).
+        bn_first_prior: likewise, the policy's ``first_prior``.
         task: the segmentation task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as
             ``"fundus"``): it fills the options the task decides (:meth:`~monai_grata.data.TaskSpec.adapter_options`:
             ``multilabel``, a volume's in-plane views, ...) that ``kwargs`` do not set. None: ``kwargs`` say all.
         kwargs: the adapter's constructor arguments.
 
     Raises:
-        ValueError: an unknown name, ``bn_prior``/``bn_momentum`` for an adapter without a BatchNorm policy or
-            together with ``normalization``, a bad policy, or no ``multilabel`` and no ``task`` for an adapter that
-            needs to know its outputs.
+        ValueError: an unknown name, a flat policy option (``bn_prior``, ...) for an adapter without a BatchNorm
+            policy or together with ``normalization``, a bad policy, or no ``multilabel`` and no ``task`` for an
+            adapter that needs to know its outputs.
         KeyError: an unknown task name.
     """
     cls = adapter_class(name)
@@ -156,7 +165,13 @@ def build_adapter(
         from monai_grata.data.task import resolve_task  # the data package imports transforms, not adapters
 
         kwargs = {**resolve_task(task).adapter_options(cls, seed=kwargs.get("seed", 0)), **kwargs}
-    flat = {k: v for k, v in (("bn_prior", bn_prior), ("bn_momentum", bn_momentum)) if v is not None}
+    given = {
+        "bn_prior": bn_prior,
+        "bn_momentum": bn_momentum,
+        "bn_first_layers": bn_first_layers,
+        "bn_first_prior": bn_first_prior,
+    }
+    flat = {k: v for k, v in given.items() if v is not None}
     if flat:
         if not _takes_normalization(cls):
             raise ValueError(f"{name} takes no BatchNorm policy: drop {sorted(flat)}")

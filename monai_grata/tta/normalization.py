@@ -89,15 +89,25 @@ class BatchNormPolicy:
             (the prior) towards the batch's, ``running = (1 - m) · running + m · batch``, so the prior pools the
             recent test batches (about 1/m of them). 0: the prior stays the source's. Needs ``prior`` > 0.
         statistic: ``"mean"`` or ``"median"`` (needs a finite ``prior``).
+        first_layers: the first this many BatchNorm layers of the network (in module order) take ``first_prior``
+            in place of ``prior`` (and no momentum): the layers that see the image's colour and contrast, which its
+            own statistics undo, while the deeper layers, whose statistics also depend on what the image shows,
+            keep theirs (``docs/results.md``, "The stem on the test image's statistics"). 0: every layer as
+            ``prior`` says. A network-level field: :func:`convert_to_adaptive_batch_norm` gives each layer its
+            own policy (:meth:`for_layer`).
+        first_prior: the source prior N of the first ``first_layers`` layers (0: the batch's statistics alone).
 
     Raises:
         ValueError: a negative or NaN prior, a momentum outside [0, 1) or without a prior, an unknown statistic,
-            or median statistics with an infinite prior.
+            median statistics with an infinite prior, a negative or fractional ``first_layers``, or a negative
+            ``first_prior``.
     """
 
     prior: float = 0.0
     momentum: float = 0.0
     statistic: str = "mean"
+    first_layers: int = 0
+    first_prior: float = 0.0
 
     def __post_init__(self) -> None:
         if not float(self.prior) >= 0:
@@ -113,8 +123,23 @@ class BatchNormPolicy:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.statistic == "median" and math.isinf(self.prior):
             raise ValueError("median statistics need a finite prior (bn_prior): inf leaves no test statistics")
+        if not (float(self.first_layers) >= 0 and float(self.first_layers) == int(self.first_layers)):
+            raise ValueError(f"first_layers (bn_first_layers) must be a whole number >= 0, got {self.first_layers}")
+        if not float(self.first_prior) >= 0:
+            raise ValueError(f"the first layers' prior (bn_first_prior) must be >= 0, got {self.first_prior}")
         object.__setattr__(self, "prior", float(self.prior))
         object.__setattr__(self, "momentum", float(self.momentum))
+        object.__setattr__(self, "first_layers", int(self.first_layers))
+        object.__setattr__(self, "first_prior", float(self.first_prior))
+
+    def for_layer(self, index: int) -> BatchNormPolicy:
+        """The policy of the network's ``index``-th BatchNorm layer (0 first, in module order): the prior
+        :attr:`first_prior` without momentum for the first :attr:`first_layers`, this policy otherwise; a layer's
+        policy has no first layers of its own."""
+        own = {"first_layers": 0, "first_prior": 0.0}
+        if index < self.first_layers:
+            return dataclasses.replace(self, prior=self.first_prior, momentum=0.0, **own)
+        return dataclasses.replace(self, **own)
 
     @property
     def uses_source_statistics(self) -> bool:
@@ -306,7 +331,8 @@ def replace_batch_norms(model: nn.Module, replacement: Callable[[nn.Module], nn.
 
 def convert_to_adaptive_batch_norm(model: nn.Module, policy: BatchNormPolicy | None = None) -> nn.Module:
     """Swap every BatchNorm of ``model`` (in place) for an :class:`AdaptiveBatchNorm` that normalises as ``policy``
-    says; layers already swapped take the new policy. The parameters and running buffers are the layers' own, so
+    says (the first ``policy.first_layers`` on ``policy.first_prior``, :meth:`BatchNormPolicy.for_layer`);
+    layers already swapped take the new policy. The parameters and running buffers are the layers' own, so
     ``state_dict`` keys, optimizers and checkpoints are unchanged.
 
     Args:
@@ -317,15 +343,23 @@ def convert_to_adaptive_batch_norm(model: nn.Module, policy: BatchNormPolicy | N
         ``model``.
 
     Raises:
-        ValueError: a policy with a source prior on a BatchNorm that keeps no running statistics.
+        ValueError: a policy with a source prior on a BatchNorm that keeps no running statistics, or
+            ``first_layers`` beyond the network's BatchNorm layers.
     """
     policy = policy or BatchNormPolicy()
+    n_layers = len(batch_norm_layers(model))
+    if policy.first_layers > n_layers:
+        raise ValueError(
+            f"first_layers={policy.first_layers}, but {type(model).__name__} has {n_layers} BatchNorm layers"
+        )
+    index = iter(range(n_layers))
 
     def adaptive(layer: nn.Module) -> AdaptiveBatchNorm:
+        own = policy.for_layer(next(index))
         if isinstance(layer, AdaptiveBatchNorm):
-            layer.configure(policy)
+            layer.configure(own)
             return layer
-        return AdaptiveBatchNorm(layer, policy)
+        return AdaptiveBatchNorm(layer, own)
 
     replace_batch_norms(model, adaptive)
     return model

@@ -1,30 +1,31 @@
 """Named adaptation settings, and the one rule that decides which option value a run uses.
 
-Presets: ``inference.json --method default`` (the shipped default), ``--method paper``, ``--method grata_gated``
-(the same as ``default``) and ``--method source_prior``; the benchmark accepts the same names
-(``--methods default paper source_prior``).
+Presets: ``inference.json --method default`` (the shipped default, also ``stem_statistics``), ``--method paper``,
+``--method grata_calibrated`` (the default before), ``--method grata_gated`` and ``--method source_prior``; the
+benchmark accepts the same names (``--methods default paper source_prior``).
 
 Precedence (:func:`resolve_method`), lowest first:
 
 1. the adapter constructor's own defaults;
 2. what the task decides (:meth:`~monai_grata.data.TaskSpec.adapter_options`: ``multilabel``, a volume's in-plane
    views, DUA's plane, the strong view's blur axes), when the run names its task;
-3. the preset's options (``--method default`` sets ``beta`` 1e-3, ``steps`` 3, ...);
+3. the preset's options (``--method grata_calibrated`` sets ``beta`` 1e-3, ``steps`` 3, ...);
 4. the bundle config's explicit choices for that adapter (its ``adapter_kwargs``, e.g. ``n_augmentations: 16``),
    which never restate a constructor default or what the task decides;
 5. what the user passed on the command line (``--beta 1e-4``), or as keyword arguments to
    :class:`~monai_grata.handlers.TTAHandler`.
 
 An option the user did not set is ``None`` (the bundle configs' top-level options are ``null``) and takes no part;
-so ``--method default --beta 1e-4`` runs beta 1e-4, whatever the constructor's default is. Options whose
+so ``--method grata_calibrated --beta 1e-4`` runs beta 1e-4, whatever the constructor's default is. Options whose
 meaningful values include ``None`` (GraTa's ``radius``, ``min_cos``, ``min_shift``) cannot be set back to ``None``
 from the command line (MONAI's command line drops a ``None`` value, too): pick a method that does not set them
-(``--method grata --bn_prior 256 --beta 1e-3 --steps 3`` is ``default`` without the gate), or write ``null`` for
+(``--method grata --bn_prior 256 --beta 1e-3 --steps 3`` is ``grata_gated`` without the gate), or write ``null`` for
 them in the bundle config's ``adapter_kwargs``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -38,25 +39,29 @@ __all__ = ["CALIBRATED", "PRESETS", "calibrated_options", "effective_options", "
 
 #: preset name -> the registered method it runs and the options it fixes (over the constructor's defaults).
 #: ``paper``: GraTa exactly as the paper and the authors' code run it (the same as ``--method grata``).
-#: ``default``: GraTa, three updates per image at beta 1e-3 on the source prior of 256, updating only while the
-#: stream's mean BatchNorm shift from the source statistics exceeds the threshold calibrated for the source model
-#: (``min_shift="calibrated"``: its ``<checkpoint>.shift.json``, :mod:`monai_grata.tta.calibration`;
-#: docs/results.md, "Calibrating the gate from the model"); the weak views' teacher computed once per image and
-#: reused by its later updates, in channels-last memory (``reuse_teacher``, ``teacher_channels_last``: 0.6 times
-#: the cost, the same Dice to three decimals on every development pair; docs/performance.md, "Cutting the default's
-#: cost").
+#: ``default`` (also ``stem_statistics``, a name that stays when the default moves on): no gradient step; the
+#: network's first BatchNorm (the stem's, which sees the image's colour and contrast) normalises with the test
+#: image's own statistics, every other layer with the source's (``bn_first_layers`` 1, ``bn_prior`` inf). One
+#: forward per image; no threshold to calibrate (docs/results.md, "The stem on the test image's statistics").
+#: ``grata_calibrated``: the default before that one: GraTa, three updates per image at beta 1e-3 on the source
+#: prior of 256, updating only while the stream's mean BatchNorm shift from the source statistics exceeds the
+#: threshold calibrated for the source model (``min_shift="calibrated"``: its ``<checkpoint>.shift.json``,
+#: :mod:`monai_grata.tta.calibration`); the weak views' teacher computed once per image and reused by its later
+#: updates, in channels-last memory (``reuse_teacher``, ``teacher_channels_last``; docs/performance.md).
 #: ``grata_gated``: the three updates with a teacher each and the hand-set threshold 0.18 read off the three shipped
-#: fundus models (the default before the calibration; docs/results.md, "A shift gate": +0.0246, +0.0346, +0.0326
-#: mean Dice over No Adapt on the report split in three seeds, no pair below it by more than 0.002, every no-shift
-#: split within 0.001).
-#: ``source_prior``: BatchNorm statistics alone, the source counted as 256 images (the default until the gated
-#: GraTa cleared the bar: as safe, one forward per image, no gain).
+#: fundus models (docs/results.md, "A shift gate": +0.0246, +0.0346, +0.0326 mean Dice over No Adapt on the report
+#: split in three seeds, no pair below it by more than 0.002, every no-shift split within 0.001).
+#: ``source_prior``: BatchNorm statistics alone, the source counted as 256 images (as safe, one forward per image,
+#: no gain).
 #: the ``min_shift`` that stands for the threshold calibrated for the source checkpoint (:func:`calibrated_options`)
 CALIBRATED = "calibrated"
 _GATED_GRATA = {"bn_prior": 256.0, "beta": 1e-3, "steps": 3}
+_STEM = {"bn_prior": math.inf, "bn_first_layers": 1}
 PRESETS: dict[str, dict] = {
     "paper": {"method": "grata", "options": {}},
-    "default": {
+    "default": {"method": "norm", "options": dict(_STEM)},
+    "stem_statistics": {"method": "norm", "options": dict(_STEM)},
+    "grata_calibrated": {
         "method": "grata",
         "options": {**_GATED_GRATA, "min_shift": CALIBRATED, "reuse_teacher": True, "teacher_channels_last": True},
     },
@@ -77,7 +82,7 @@ def resolve_method(
     ``None``.
 
     Args:
-        method: a preset name (``"default"``, ``"paper"``, ``"grata_gated"``, ``"source_prior"``) or a registered
+        method: a preset name (:data:`PRESETS`: ``"default"``, ``"paper"``, ``"grata_calibrated"``, ...) or a registered
             adapter name (``"grata"``, ...).
         adapter_kwargs: per registered name, the options the bundle config chooses.
         overrides: the options the user passed (on the command line); ``None`` values mean "not set".

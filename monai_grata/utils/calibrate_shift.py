@@ -46,8 +46,8 @@ __all__ = [
 
 #: which in-domain images: the held-out validation split, or all of them (a model trained on every image)
 SPLITS = ("val", "all")
-#: the prior strength the shipped default's gate measures with
-DEFAULT_BN_PRIOR = float(PRESETS["default"]["options"]["bn_prior"])
+#: the prior strength the gate of `grata_calibrated` measures with
+DEFAULT_BN_PRIOR = float(PRESETS["grata_calibrated"]["options"]["bn_prior"])
 
 
 def default_config_path(ckpt_path: str) -> str:
@@ -156,7 +156,7 @@ def calibrate_checkpoint(
         split: ``"val"`` or ``"all"`` (:func:`calibration_items`).
         val_fraction: the validation share ``train.json`` held out.
         seed: the seed of that split.
-        bn_prior: the prior strength the gate measures with (default: the shipped default's).
+        bn_prior: the prior strength the gate measures with (default: ``grata_calibrated``'s).
         device: where to run the forwards.
         max_images: measure only the first ``max_images`` of those images (None: all).
         write: write the calibration file (False: only measure, e.g. to see where a target domain's images fall).
