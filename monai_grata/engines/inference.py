@@ -199,7 +199,7 @@ def job_method(
         adapter_kwargs: per registered adapter, the options the bundle config chooses.
         options: the command line's options (``None``: not set).
         task: the job's task.
-        ckpt_path: the source checkpoint, whose calibration gives ``min_shift="calibrated"`` (the default's gate)
+        ckpt_path: the source checkpoint, whose calibration gives ``min_shift="calibrated"`` (``grata_calibrated``)
             its threshold.
 
     Raises:

@@ -60,7 +60,7 @@ class TTAHandler:
         task: the segmentation task (a :class:`~monai_grata.data.TaskSpec` or a registered name), which fills the
             built adapter's ``multilabel`` and a volume's in-plane views (:func:`~monai_grata.tta.resolve_method`).
         ckpt_path: the source checkpoint the network was loaded from, whose calibration file gives a method's
-            ``min_shift="calibrated"`` (the ``default`` preset's gate) its threshold.
+            ``min_shift="calibrated"`` (the ``grata_calibrated`` preset's gate) its threshold.
         adapter_kwargs: the adapter's constructor arguments.
     """
 
