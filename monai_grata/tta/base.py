@@ -132,10 +132,6 @@ def require_multilabel(multilabel: bool | None, owner: str, via_task: bool = Tru
 def build_adapter(
     name: str,
     model: nn.Module,
-    bn_prior: float | None = None,
-    bn_momentum: float | None = None,
-    bn_first_layers: int | None = None,
-    bn_first_prior: float | None = None,
     task: TaskSpec | str | None = None,
     **kwargs,
 ) -> TTAdapter:
@@ -144,15 +140,12 @@ def build_adapter(
     Args:
         name: a registered adapter name.
         model: the source model; it is adapted in place.
-        bn_prior: the flat form of the policy's ``prior`` (:class:`~monai_grata.tta.BatchNormPolicy`), for adapters
-            that take a ``normalization`` policy; None: the adapter's default.
-        bn_momentum: likewise, the policy's ``momentum``.
-        bn_first_layers: likewise, the policy's ``first_layers`` (how many first layers take ``first_prior``).
-        bn_first_prior: likewise, the policy's ``first_prior``.
         task: the segmentation task (a :class:`~monai_grata.data.TaskSpec` or a registered name such as
             ``"fundus"``): it fills the options the task decides (:meth:`~monai_grata.data.TaskSpec.adapter_options`:
             ``multilabel``, a volume's in-plane views, ...) that ``kwargs`` do not set. None: ``kwargs`` say all.
-        kwargs: the adapter's constructor arguments.
+        kwargs: the adapter's constructor arguments, and the flat policy options of :data:`NORMALIZATION_OPTIONS`
+            (``bn_prior``, ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``: the fields of its
+            :class:`~monai_grata.tta.BatchNormPolicy`; None: the adapter's default) for adapters that take one.
 
     Raises:
         ValueError: an unknown name, a flat policy option (``bn_prior``, ...) for an adapter without a BatchNorm
@@ -165,12 +158,7 @@ def build_adapter(
         from monai_grata.data.task import resolve_task  # the data package imports transforms, not adapters
 
         kwargs = {**resolve_task(task).adapter_options(cls, seed=kwargs.get("seed", 0)), **kwargs}
-    given = {
-        "bn_prior": bn_prior,
-        "bn_momentum": bn_momentum,
-        "bn_first_layers": bn_first_layers,
-        "bn_first_prior": bn_first_prior,
-    }
+    given = {key: kwargs.pop(key) for key in NORMALIZATION_OPTIONS if key in kwargs}
     flat = {k: v for k, v in given.items() if v is not None}
     if flat:
         if not _takes_normalization(cls):
