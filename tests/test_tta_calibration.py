@@ -14,8 +14,12 @@ from monai_grata.data import BadInputError, MissingInputError
 from monai_grata.networks import save_half_precision
 from monai_grata.tta import AdaptiveBatchNorm, BatchNormPolicy, GraTa, batch_norm_shift, convert_to_adaptive_batch_norm
 from monai_grata.tta.calibration import (
+    first_layer_calibration,
+    first_layer_divergences,
+    first_shift_threshold,
     load_shift_calibration,
     per_batch_shifts,
+    read_first_shift_threshold,
     read_shift_threshold,
     save_shift_calibration,
     shift_calibration,
@@ -79,6 +83,27 @@ def test_threshold_rule_formula_and_bad_input():
         shift_threshold([0.1, float("nan")])
 
 
+def test_first_layer_rule_gauges_the_stem_as_the_gate_does():
+    net = _tiny_net()
+    in_domain = first_layer_divergences(net, _images(12, 0.5, 0.1, seed=1))
+    shifted = first_layer_divergences(net, _images(12, 0.9, 0.3, seed=2))
+    threshold = first_shift_threshold(in_domain)
+    assert threshold == pytest.approx(1.5 * float(np.quantile(in_domain, 0.9)))
+    assert np.mean(in_domain) < threshold < min(shifted)
+    x = _images(1, 0.8, 0.2, seed=3)[0]
+    (divergence,) = first_layer_divergences(net, [x])
+    stem = convert_to_adaptive_batch_norm(_tiny_net(), BatchNormPolicy(prior=math.inf, first_layers=1))
+    with torch.no_grad():  # the divergence measured is the one the gate compares: just above it shut, below open
+        for factor, expected in ((1.01, _tiny_net()(x)), (0.99, stem(x))):
+            policy = BatchNormPolicy(prior=math.inf, first_layers=1, first_min_shift=factor * divergence)
+            torch.testing.assert_close(convert_to_adaptive_batch_norm(_tiny_net(), policy)(x), expected)
+        assert not torch.allclose(_tiny_net()(x), stem(x), atol=1e-3)
+    with pytest.raises(BadInputError, match="at least 2"):
+        first_shift_threshold([0.1])
+    with pytest.raises(BadInputError, match="non-finite"):
+        first_shift_threshold([0.1, float("inf")])
+
+
 def _checkpoint(tmp_path, name: str = "source_x.pt") -> str:
     path = str(tmp_path / name)
     save_half_precision(_tiny_net(), path)
@@ -97,6 +122,11 @@ def test_calibration_file_round_trip(tmp_path):
     assert read_shift_threshold(ckpt, bn_prior=256) == read_shift_threshold(ckpt)
     with pytest.raises(BadInputError, match="bn_prior 256.*with 64"):
         read_shift_threshold(ckpt, bn_prior=64)
+    with pytest.raises(MissingInputError, match="no first-layer threshold: run python -m"):
+        read_first_shift_threshold(ckpt)
+    first = first_layer_calibration([0.1, 0.2, 0.3, 0.4, 0.5], split="x: training split")
+    save_shift_calibration(ckpt, {**calibration, "first_layer": first})
+    assert read_first_shift_threshold(ckpt) == pytest.approx(1.5 * 0.46) and first["images"] == 5
 
 
 def test_stale_or_foreign_calibration_is_refused(tmp_path):
@@ -163,7 +193,10 @@ def test_command_calibrates_a_model_on_its_validation_split(tmp_path, capsys):
     assert calibration["images"] == 2  # the 20 % train.json holds out of 10 images
     assert calibration["split"] == "site_a: held-out validation split (val_fraction 0.2, seed 0)"
     assert read_shift_threshold(ckpt, bn_prior=256) == pytest.approx(calibration["min_shift"])
-    assert "min_shift" in capsys.readouterr().out
+    assert calibration["first_layer"]["images"] == 8  # the training split: the other 80 %
+    assert calibration["first_layer"]["split"] == "site_a: training split (val_fraction 0.2 held out, seed 0)"
+    assert read_first_shift_threshold(ckpt) == pytest.approx(calibration["first_layer"]["min_shift"])
+    assert "first-layer min_shift" in capsys.readouterr().out
     everything = main(["--ckpt_path", ckpt, "--dataset_dir", dataset_dir, "--source", "site_a", "--split", "all",
                        "--image_size", "64"])  # fmt: skip
     assert everything["images"] == 10 and everything["split"] == "site_a: all images"
@@ -188,7 +221,7 @@ def test_command_refuses_a_missing_config_and_bad_overrides(tmp_path):
         config_overrides(["--decoder"])
     assert config_overrides(["--decoder", "authors", "--image_size", "64"]) == {"decoder": "authors", "image_size": 64}
     with pytest.raises(BadInputError, match="--split"):
-        calibration_items(dataset_dir, ["site_a"], split="train")
+        calibration_items(dataset_dir, ["site_a"], split="test")
 
 
 def test_volumes_are_measured_on_the_patches_the_adapter_takes():

@@ -19,6 +19,7 @@ from monai_grata.tta import (
     per_group_batch_norm,
     track_test_statistics,
 )
+from monai_grata.tta.normalization import source_divergence
 
 from .test_tta_grata import tiny_net
 
@@ -186,6 +187,46 @@ def test_the_first_layers_take_their_own_prior_and_the_others_keep_the_policys()
             BatchNormPolicy(first_layers=bad)
     with pytest.raises(ValueError, match="bn_first_prior"):
         BatchNormPolicy(first_layers=1, first_prior=-1.0)
+
+
+@torch.no_grad()
+def test_the_gate_keeps_the_source_statistics_for_a_batch_near_the_source():
+    net = tiny_net()
+    in_domain = 0.5 + 0.1 * torch.randn(9, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    var, mean = torch.var_mean(net[0](in_domain[1:]), dim=(0, 2, 3), correction=0)
+    net[1].running_mean.copy_(mean), net[1].running_var.copy_(var)  # the first layer's source: in-domain images
+    near, far = in_domain[:1], torch.rand(1, 3, 16, 16) * 3 + 1
+    batch_statistics, source = adaptive(net, prior=0.0), copy.deepcopy(net).eval()
+    divergence = {}
+    for name, x in (("near", near), ("far", far)):
+        h = net[0](x)
+        var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+        divergence[name] = float(
+            source_divergence(mean, var, net[1].running_mean, net[1].running_var, net[1].eps).mean()
+        )
+    threshold = (divergence["near"] + divergence["far"]) / 2
+    assert divergence["near"] < threshold < divergence["far"]
+    gated = adaptive(net, prior=math.inf, first_layers=1, first_min_shift=threshold)
+    assert gated[1].policy == BatchNormPolicy(prior=0.0, min_shift=threshold)
+    stem = adaptive(net, prior=math.inf, first_layers=1)
+    torch.testing.assert_close(gated(far), stem(far), rtol=0, atol=1e-5)  # far: the stem on the image's statistics
+    torch.testing.assert_close(gated(near), source(near), rtol=0, atol=1e-5)  # near: the source model
+    both = torch.cat([near, far])  # a batch of views, each group decided by its own statistics
+    with per_group_batch_norm(gated, 2):
+        grouped = gated(both)
+    torch.testing.assert_close(grouped[:1], source(near), rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped[1:], stem(far), rtol=0, atol=1e-5)
+    assert not torch.allclose(batch_statistics(near), source(near), atol=1e-3)  # the gate made the difference
+    torch.testing.assert_close(
+        build_adapter("norm", copy.deepcopy(net), bn_prior=math.inf, bn_first_layers=1,
+                      bn_first_min_shift=threshold)(near), source(near), rtol=0, atol=1e-5,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="bn_first_min_shift"):
+        BatchNormPolicy(first_layers=1, first_prior=math.inf, first_min_shift=0.1)
+    with pytest.raises(ValueError, match="bn_min_shift"):
+        BatchNormPolicy(min_shift=-0.1)
+    with pytest.raises(ValueError, match="bn_min_shift"):
+        BatchNormPolicy(prior=math.inf, min_shift=0.1)
 
 
 def test_the_shift_reads_the_public_running_statistics():

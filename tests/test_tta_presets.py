@@ -10,8 +10,10 @@ from monai_grata.tta.normalization import adaptive_batch_norms
 
 from .conftest import REPO_ROOT
 
-#: a shipped model with its calibration file (``source_refuge_train.shift.json``: min_shift 0.152551)
+#: a shipped model with its calibration file (``source_refuge_train.shift.json``: min_shift 0.152551, and the
+#: first layer's FIRST_THRESHOLD)
 CKPT = os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt")
+FIRST_THRESHOLD = 0.248279
 KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False}}
 
 
@@ -57,6 +59,22 @@ def test_grata_calibrated_is_the_gated_grata_on_the_model_calibration():
         resolve_method("grata_calibrated")
     with pytest.raises(MissingInputError, match="calibrate_shift"):
         resolve_method("grata_calibrated", ckpt_path=os.path.join(REPO_ROOT, "no_such_model.pt"))
+
+
+def test_stem_gated_gates_the_stem_by_the_model_first_layer_calibration():
+    assert PRESETS["stem_gated"] == {
+        "method": "norm",
+        "options": {**PRESETS["stem_statistics"]["options"], "bn_first_min_shift": CALIBRATED},
+    }
+    method, options = resolve_method("stem_gated", ckpt_path=CKPT)
+    assert options["bn_first_min_shift"] == FIRST_THRESHOLD
+    model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    layers = adaptive_batch_norms(build_adapter(method, model, task="fundus", **options).model)
+    assert [(m.policy.prior, m.policy.min_shift) for m in layers] == [(0.0, FIRST_THRESHOLD), (math.inf, 0.0)]
+    with pytest.raises(ValueError, match="ckpt_path"):
+        resolve_method("stem_gated")
+    with pytest.raises(ValueError, match="bn_first_layers 1, got 2"):
+        resolve_method("stem_gated", overrides={"bn_first_layers": 2}, ckpt_path=CKPT)
 
 
 @pytest.mark.parametrize("name, threshold", [("grata_calibrated", 0.152551), ("grata_gated", 0.18)])

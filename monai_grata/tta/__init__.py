@@ -11,7 +11,7 @@ from .base import (
     collect_norm_params,
     register_adapter,
 )
-from .calibration import per_batch_shifts, read_shift_threshold, shift_threshold
+from .calibration import per_batch_shifts, read_first_shift_threshold, read_shift_threshold, shift_threshold
 from .detta import DeTTA, DeTTAStep, blind_spot, denoising_loss
 from .diga import DIGA, DIGAStep
 from .dltta import DLTTA, DLTTAStep, symmetric_kl
@@ -107,6 +107,7 @@ __all__ = [
     "resolve_method",
     "effective_options",
     "per_batch_shifts",
+    "read_first_shift_threshold",
     "read_shift_threshold",
     "shift_threshold",
 ]

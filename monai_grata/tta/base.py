@@ -48,6 +48,8 @@ NORMALIZATION_OPTIONS = {
     "bn_momentum": "momentum",
     "bn_first_layers": "first_layers",
     "bn_first_prior": "first_prior",
+    "bn_min_shift": "min_shift",
+    "bn_first_min_shift": "first_min_shift",
 }
 #: what ``adapter(x)`` returns: the prediction before or after the update on ``x``
 PREDICTION_ORDERS = ("before", "after")

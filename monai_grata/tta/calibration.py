@@ -13,6 +13,16 @@ the in-domain mean with a standard error of std / sqrt(n_stream): so once an in-
 batches, its mean stays below the threshold unless it is two standard errors high. The other domains average 1.4-3.3
 times the threshold of the shipped fundus models (``docs/results.md``, "Calibrating the gate from the model").
 
+The first-layer gate (``bn_first_min_shift``: the stem on the test image's statistics only when the image is far
+from the source, :class:`~monai_grata.tta.BatchNormPolicy`) is calibrated by a rule of its own, on the divergence
+it gates by (:func:`~monai_grata.tta.normalization.source_divergence` of the first BatchNorm's input, one image at a
+time, the source weights) over the model's own training images:
+
+    first_min_shift = 1.5 · (90th percentile of the in-domain per-image divergences)
+
+so about one in-domain image in ten comes near it and very few pass it, while the other fundus domains' images
+score 3-8 times the median in-domain value (``docs/results.md``, "Gating the stem by the model's own images").
+
 The calibration is a JSON file beside the checkpoint, ``<checkpoint stem>.shift.json`` (:func:`shift_calibration_path`),
 with the threshold, the rule, the prior, the split, summary quantiles of the per-batch shifts and the sha256 of the
 weights it was measured on (the weights' own file and hash stay as they are). ``python -m
@@ -33,12 +43,17 @@ from torch import nn
 
 from monai_grata.data.checks import BadInputError, MissingInputError
 
-from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm
+from .normalization import BatchNormPolicy, batch_norm_layers, convert_to_adaptive_batch_norm, source_divergence
 from .shift import batch_norm_shift
 
 __all__ = [
+    "FIRST_SHIFT_RULE",
     "SHIFT_CALIBRATION_SUFFIX",
     "SHIFT_RULE",
+    "first_layer_calibration",
+    "first_layer_divergences",
+    "first_shift_threshold",
+    "read_first_shift_threshold",
     "load_shift_calibration",
     "per_batch_shifts",
     "read_shift_threshold",
@@ -54,6 +69,13 @@ RULE_Z, RULE_STREAM = 2.0, 10
 SHIFT_RULE = (
     f"mean + {RULE_Z:g} * std / sqrt({RULE_STREAM}) of the in-domain per-batch batch_norm_shift "
     f"(the mean of a {RULE_STREAM}-batch in-domain stream stays below it unless {RULE_Z:g} standard errors high)"
+)
+
+#: quantile and factor of the first-layer gate's rule (module docstring)
+FIRST_RULE_QUANTILE, FIRST_RULE_FACTOR = 0.9, 1.5
+FIRST_SHIFT_RULE = (
+    f"{FIRST_RULE_FACTOR:g} * the {FIRST_RULE_QUANTILE:.0%} quantile of the in-domain per-batch divergence of the "
+    f"first BatchNorm's input from its source statistics (source_divergence, mean over channels)"
 )
 
 
@@ -90,12 +112,86 @@ def shift_threshold(shifts: Sequence[float], z: float = RULE_Z, n_stream: int = 
     Raises:
         BadInputError: fewer than 2 shifts, or a non-finite one.
     """
-    values = torch.tensor([float(s) for s in shifts], dtype=torch.float64)
-    if values.numel() < 2:
-        raise BadInputError(f"the shift threshold needs at least 2 in-domain images, got {values.numel()}")
-    if not bool(torch.isfinite(values).all()):
-        raise BadInputError("an in-domain image has a non-finite batch_norm_shift: check the images and the model")
+    values = _in_domain_values(shifts, "the shift threshold", "batch_norm_shift")
     return float(values.mean() + z * values.std() / math.sqrt(n_stream))
+
+
+def _in_domain_values(values: Sequence[float], what: str, gauge: str) -> torch.Tensor:
+    """``values`` as a float64 tensor; fewer than 2 or a non-finite one is a :class:`BadInputError` naming ``what``
+    needs them and which ``gauge`` was not finite."""
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if tensor.numel() < 2:
+        raise BadInputError(f"{what} needs at least 2 in-domain images, got {tensor.numel()}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadInputError(f"an in-domain image has a non-finite {gauge}: check the images and the model")
+    return tensor
+
+
+@torch.no_grad()
+def first_layer_divergences(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[float]:
+    """Per batch, the divergence of the network's first BatchNorm input from that layer's source statistics
+    (:func:`~monai_grata.tta.normalization.source_divergence`, mean over channels), as the first-layer gate
+    (``bn_first_min_shift``) measures it; ``model`` (the source weights) is run in eval mode on a copy.
+
+    Args:
+        model: the source network (its first BatchNorm keeps running statistics).
+        batches: the batches as the adapter receives them (one image (1, C, H, W) at a time, or a volume's patches).
+
+    Raises:
+        ValueError: a model without BatchNorm running statistics.
+    """
+    gauged = copy.deepcopy(model).eval()
+    layers = batch_norm_layers(gauged)
+    if not layers or getattr(layers[0][1], "running_mean", None) is None:
+        raise ValueError("the first-layer gate needs a network whose first BatchNorm keeps running statistics")
+    layer = layers[0][1]
+    divergences: list[torch.Tensor] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        h = inputs[0].float()
+        var, mean = torch.var_mean(h, dim=[0, *range(2, h.ndim)], correction=0)
+        running = (module.running_mean.float(), module.running_var.float())
+        divergences.append(source_divergence(mean, var, *running, module.eps).mean())
+
+    hook = layer.register_forward_pre_hook(record)
+    try:
+        for x in batches:
+            gauged(x)
+    finally:
+        hook.remove()
+    return [float(d) for d in divergences]
+
+
+def first_shift_threshold(divergences: Sequence[float]) -> float:
+    """The first-layer gate's threshold from in-domain per-batch divergences: ``FIRST_RULE_FACTOR`` times their
+    ``FIRST_RULE_QUANTILE`` quantile (linear interpolation).
+
+    Args:
+        divergences: the in-domain per-batch divergences (:func:`first_layer_divergences`, at least 2).
+
+    Raises:
+        BadInputError: fewer than 2 values, or a non-finite one.
+    """
+    values = _in_domain_values(divergences, "the first-layer threshold", "first-layer divergence")
+    return float(FIRST_RULE_FACTOR * torch.quantile(values, FIRST_RULE_QUANTILE))
+
+
+def first_layer_calibration(divergences: Sequence[float], split: str) -> dict:
+    """The calibration file's ``"first_layer"`` entry: the threshold (``min_shift``, the value of
+    ``bn_first_min_shift``) by :func:`first_shift_threshold`, the rule, the number of images, which they were, and a
+    summary of their divergences.
+
+    Args:
+        divergences: the in-domain per-batch divergences (:func:`first_layer_divergences`).
+        split: a short description of the images.
+    """
+    return {
+        "min_shift": round(first_shift_threshold(divergences), 6),
+        "rule": FIRST_SHIFT_RULE,
+        "images": len(divergences),
+        "split": split,
+        "per_image": _summary(divergences),
+    }
 
 
 def _summary(shifts: Sequence[float]) -> dict[str, float]:
@@ -209,3 +305,23 @@ def read_shift_threshold(ckpt_path: str, bn_prior: float | None = None) -> float
             f"with {float(bn_prior):g}: {_how_to_calibrate(ckpt_path)} --bn_prior {float(bn_prior):g}"
         )
     return float(calibration["min_shift"])
+
+
+def read_first_shift_threshold(ckpt_path: str) -> float:
+    """The first-layer gate's threshold (``bn_first_min_shift``) calibrated for the checkpoint ``ckpt_path``.
+
+    Args:
+        ckpt_path: the source checkpoint.
+
+    Raises:
+        MissingInputError: no calibration beside the checkpoint, or one without the first-layer entry (the message
+            says how to make one).
+        BadInputError: an unreadable or stale calibration.
+    """
+    calibration = load_shift_calibration(ckpt_path)
+    try:
+        return float(calibration["first_layer"]["min_shift"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise MissingInputError(
+            f"the shift calibration beside {ckpt_path} has no first-layer threshold: {_how_to_calibrate(ckpt_path)}"
+        ) from err

@@ -47,6 +47,7 @@ __all__ = [
     "per_group_batch_norm",
     "samples_per_input",
     "replace_batch_norms",
+    "source_divergence",
     "track_test_statistics",
     "update_running_statistics",
 ]
@@ -96,11 +97,18 @@ class BatchNormPolicy:
             ``prior`` says. A network-level field: :func:`convert_to_adaptive_batch_norm` gives each layer its
             own policy (:meth:`for_layer`).
         first_prior: the source prior N of the first ``first_layers`` layers (0: the batch's statistics alone).
+        min_shift: a layer takes the batch's statistics (mixed as ``prior`` says) only when they are this far from
+            its source statistics, by :func:`source_divergence` (the Kullback-Leibler divergence of the batch's
+            per-channel Gaussian from the source's, averaged over channels, as
+            :func:`~monai_grata.tta.batch_norm_shift` measures a layer); a batch closer to the source is
+            normalised with the source statistics alone. Decided per batch (per group) on the device, no host
+            read. 0: no gate. Needs a finite ``prior``.
+        first_min_shift: ``min_shift`` of the first ``first_layers`` layers (needs a finite ``first_prior``).
 
     Raises:
         ValueError: a negative or NaN prior, a momentum outside [0, 1) or without a prior, an unknown statistic,
-            median statistics with an infinite prior, a negative or fractional ``first_layers``, or a negative
-            ``first_prior``.
+            median statistics with an infinite prior, a negative or fractional ``first_layers``, a negative
+            ``first_prior``, or a negative gate or one on an infinite prior.
     """
 
     prior: float = 0.0
@@ -108,6 +116,8 @@ class BatchNormPolicy:
     statistic: str = "mean"
     first_layers: int = 0
     first_prior: float = 0.0
+    min_shift: float = 0.0
+    first_min_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if not float(self.prior) >= 0:
@@ -127,24 +137,35 @@ class BatchNormPolicy:
             raise ValueError(f"first_layers (bn_first_layers) must be a whole number >= 0, got {self.first_layers}")
         if not float(self.first_prior) >= 0:
             raise ValueError(f"the first layers' prior (bn_first_prior) must be >= 0, got {self.first_prior}")
-        object.__setattr__(self, "prior", float(self.prior))
+        for name, gate, prior in (
+            ("bn_min_shift", self.min_shift, self.prior),
+            ("bn_first_min_shift", self.first_min_shift, self.first_prior),
+        ):
+            if not float(gate) >= 0:
+                raise ValueError(f"the gate ({name}) must be >= 0 (0: no gate), got {gate}")
+            if gate and math.isinf(prior):
+                raise ValueError(f"{name} gates the batch's statistics: an infinite prior leaves none to gate")
+        for name in ("prior", "min_shift", "first_min_shift"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "momentum", float(self.momentum))
         object.__setattr__(self, "first_layers", int(self.first_layers))
         object.__setattr__(self, "first_prior", float(self.first_prior))
 
     def for_layer(self, index: int) -> BatchNormPolicy:
         """The policy of the network's ``index``-th BatchNorm layer (0 first, in module order): the prior
-        :attr:`first_prior` without momentum for the first :attr:`first_layers`, this policy otherwise; a layer's
-        policy has no first layers of its own."""
-        own = {"first_layers": 0, "first_prior": 0.0}
+        :attr:`first_prior` and gate :attr:`first_min_shift` without momentum for the first :attr:`first_layers`,
+        this policy otherwise; a layer's policy has no first layers of its own."""
+        own = {"first_layers": 0, "first_prior": 0.0, "first_min_shift": 0.0}
         if index < self.first_layers:
-            return dataclasses.replace(self, prior=self.first_prior, momentum=0.0, **own)
+            return dataclasses.replace(
+                self, prior=self.first_prior, min_shift=self.first_min_shift, momentum=0.0, **own
+            )
         return dataclasses.replace(self, **own)
 
     @property
     def uses_source_statistics(self) -> bool:
-        """Whether the source running statistics enter the normalisation (``prior`` > 0)."""
-        return self.prior > 0
+        """Whether the source running statistics enter the normalisation (``prior`` or ``min_shift`` > 0)."""
+        return self.prior > 0 or self.min_shift > 0
 
 
 def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -156,6 +177,24 @@ def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def adaptive_batch_norms(model: nn.Module) -> list[AdaptiveBatchNorm]:
     """The :class:`AdaptiveBatchNorm` layers of ``model``."""
     return [m for m in model.modules() if isinstance(m, AdaptiveBatchNorm)]
+
+
+def source_divergence(
+    mean: torch.Tensor, var: torch.Tensor, source_mean: torch.Tensor, source_var: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """KL(N(mean, var) ‖ N(source_mean, source_var)) per channel, with ``eps`` added to both variances as BatchNorm
+    adds it; all arguments broadcast together (average the result over the channel dimension for a layer's value).
+
+    Args:
+        mean: the batch's per-channel mean.
+        var: the batch's per-channel (biased) variance.
+        source_mean: the layer's running mean.
+        source_var: the layer's running variance.
+        eps: the layer's ``eps``.
+    """
+    ref_var = source_var + eps
+    ratio = (var + eps) / ref_var
+    return 0.5 * ((mean - source_mean) ** 2 / ref_var + ratio - 1 - torch.log(ratio))
 
 
 def _group_statistics(grouped: torch.Tensor, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,11 +268,16 @@ class AdaptiveBatchNorm(nn.Module):
         batch's statistics mixed with the source prior as the policy says."""
         batch_var, batch_mean = _group_statistics(grouped, self.policy.statistic)
         w = batch_statistics_weight(grouped.shape[1], self.policy.prior, self.samples_per_input)
-        if w == 1.0:  # no prior
+        if w == 1.0 and not self.policy.min_shift:  # no prior, no gate
             return batch_mean, batch_var, batch_mean, batch_var
         shape = (1, 1, grouped.shape[2]) + (1,) * (grouped.ndim - 3)
-        mean = w * batch_mean + (1 - w) * self.running_mean.view(shape)
-        var = w * batch_var + (1 - w) * self.running_var.view(shape)
+        source_mean, source_var = self.running_mean.view(shape), self.running_var.view(shape)
+        mean = w * batch_mean + (1 - w) * source_mean
+        var = w * batch_var + (1 - w) * source_var
+        if self.policy.min_shift:  # far enough from the source (per group), or the source's statistics alone
+            divergence = source_divergence(batch_mean, batch_var, source_mean.float(), source_var.float(), self.eps)
+            shifted = divergence.mean(dim=2, keepdim=True) > self.policy.min_shift
+            mean, var = torch.where(shifted, mean, source_mean), torch.where(shifted, var, source_var)
         return mean, var, batch_mean, batch_var
 
     def _follow_stream(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
@@ -288,7 +332,7 @@ class AdaptiveBatchNorm(nn.Module):
         if n % self.groups:
             raise ValueError(f"batch of {n} cannot be split into {self.groups} groups")
         policy, follows = self.policy, self.tracking and self.policy.momentum > 0
-        if policy.prior == 0 and policy.statistic == "mean":
+        if policy.prior == 0 and policy.statistic == "mean" and not policy.min_shift:
             return self._batch_statistics_forward(x)
         if math.isinf(policy.prior):
             if follows:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .base import adapter_class, adapter_defaults, adapter_names
-from .calibration import read_shift_threshold
+from .calibration import read_first_shift_threshold, read_shift_threshold
 
 if TYPE_CHECKING:
     from monai_grata.data.task import TaskSpec
@@ -51,6 +51,10 @@ __all__ = ["CALIBRATED", "PRESETS", "calibrated_options", "effective_options", "
 #: ``grata_gated``: the three updates with a teacher each and the hand-set threshold 0.18 read off the three shipped
 #: fundus models (docs/results.md, "A shift gate": +0.0246, +0.0346, +0.0326 mean Dice over No Adapt on the report
 #: split in three seeds, no pair below it by more than 0.002, every no-shift split within 0.001).
+#: ``stem_gated``: the stem statistics of ``default`` only for an image far from the source: its first BatchNorm
+#: input's divergence from the source statistics above the threshold calibrated for the source model
+#: (``bn_first_min_shift="calibrated"``, the ``first_layer`` entry of its ``<checkpoint>.shift.json``); a closer
+#: image is predicted by the source model as it is (docs/results.md, "Gating the stem by the model's own images").
 #: ``source_prior``: BatchNorm statistics alone, the source counted as 256 images (as safe, one forward per image,
 #: no gain).
 #: the ``min_shift`` that stands for the threshold calibrated for the source checkpoint (:func:`calibrated_options`)
@@ -61,6 +65,7 @@ PRESETS: dict[str, dict] = {
     "paper": {"method": "grata", "options": {}},
     "default": {"method": "norm", "options": dict(_STEM)},
     "stem_statistics": {"method": "norm", "options": dict(_STEM)},
+    "stem_gated": {"method": "norm", "options": {**_STEM, "bn_first_min_shift": CALIBRATED}},
     "grata_calibrated": {
         "method": "grata",
         "options": {**_GATED_GRATA, "min_shift": CALIBRATED, "reuse_teacher": True, "teacher_channels_last": True},
@@ -113,26 +118,35 @@ def resolve_method(
 
 def calibrated_options(options: Mapping, ckpt_path: str | None) -> dict:
     """``options`` with ``min_shift="calibrated"`` replaced by the threshold calibrated for ``ckpt_path``
-    (:func:`~monai_grata.tta.read_shift_threshold`, checked against the options' ``bn_prior``); other options as
-    they are.
+    (:func:`~monai_grata.tta.read_shift_threshold`, checked against the options' ``bn_prior``) and
+    ``bn_first_min_shift="calibrated"`` by the first-layer one (:func:`~monai_grata.tta.read_first_shift_threshold`,
+    for ``bn_first_layers`` 1); other options as they are.
 
     Args:
         options: an adapter's options.
         ckpt_path: the source checkpoint the adapter starts from.
 
     Raises:
-        ValueError: ``min_shift="calibrated"`` without a checkpoint.
+        ValueError: a ``"calibrated"`` option without a checkpoint, or ``bn_first_min_shift="calibrated"`` with
+            ``bn_first_layers`` other than 1 (the calibration measures the first layer).
         MissingInputError: no calibration file beside the checkpoint (the message names the command that makes it).
     """
     options = dict(options)
-    if options.get("min_shift") != CALIBRATED:
-        return options
-    if ckpt_path is None:
+    wanted = [key for key in ("min_shift", "bn_first_min_shift") if options.get(key) == CALIBRATED]
+    if wanted and ckpt_path is None:
         raise ValueError(
-            "min_shift='calibrated' is the threshold calibrated for the source checkpoint: give its ckpt_path "
+            f"{wanted[0]}='calibrated' is the threshold calibrated for the source checkpoint: give its ckpt_path "
             "(or a number)"
         )
-    options["min_shift"] = read_shift_threshold(ckpt_path, bn_prior=options.get("bn_prior"))
+    if "min_shift" in wanted:
+        options["min_shift"] = read_shift_threshold(ckpt_path, bn_prior=options.get("bn_prior"))
+    if "bn_first_min_shift" in wanted:
+        if options.get("bn_first_layers") != 1:
+            raise ValueError(
+                "bn_first_min_shift='calibrated' is calibrated on the first BatchNorm layer: it needs bn_first_layers "
+                f"1, got {options.get('bn_first_layers')}"
+            )
+        options["bn_first_min_shift"] = read_first_shift_threshold(ckpt_path)
     return options
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .normalization import batch_norm_layers
+from .normalization import batch_norm_layers, source_divergence
 
 __all__ = ["BatchNormShiftRecord", "SettleSchedule", "batch_norm_shift", "record_batch_norm_shift"]
 
@@ -24,9 +24,7 @@ __all__ = ["BatchNormShiftRecord", "SettleSchedule", "batch_norm_shift", "record
 def _gaussian_kl(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Mean over channels of KL(N(batch mean, batch variance) ‖ N(running mean, running variance))."""
     var, mean = torch.var_mean(h, dim=[0, *range(2, h.ndim)], correction=0)
-    ref_mean, ref_var = layer.running_mean.float(), layer.running_var.float() + layer.eps
-    ratio = (var + layer.eps) / ref_var
-    return 0.5 * ((mean - ref_mean) ** 2 / ref_var + ratio - 1 - torch.log(ratio)).mean()
+    return source_divergence(mean, var, layer.running_mean.float(), layer.running_var.float(), layer.eps).mean()
 
 
 class BatchNormShiftRecord:

@@ -32,7 +32,13 @@ from monai.utils import convert_to_tensor
 from monai_grata.data import BadInputError, MissingInputError, domain_datalist, split_train_val
 from monai_grata.networks import load_weights
 from monai_grata.tta import PRESETS, patch_positions, sample_patches
-from monai_grata.tta.calibration import per_batch_shifts, save_shift_calibration, shift_calibration
+from monai_grata.tta.calibration import (
+    first_layer_calibration,
+    first_layer_divergences,
+    per_batch_shifts,
+    save_shift_calibration,
+    shift_calibration,
+)
 
 __all__ = [
     "SPLITS",
@@ -45,7 +51,7 @@ __all__ = [
 ]
 
 #: which in-domain images: the held-out validation split, or all of them (a model trained on every image)
-SPLITS = ("val", "all")
+SPLITS = ("val", "all", "train")
 #: the prior strength the gate of `grata_calibrated` measures with
 DEFAULT_BN_PRIOR = float(PRESETS["grata_calibrated"]["options"]["bn_prior"])
 
@@ -70,7 +76,8 @@ def calibration_items(
         dataset_dir: the dataset root (as the bundles take it).
         sources: the source domain(s) the model was trained on.
         datalist: a decathlon-style datalist (default: ``dataset_dir/datalist.json`` when it exists).
-        split: ``"val"``: each source's held-out validation split (``split_train_val``); ``"all"``: every image.
+        split: ``"val"``: each source's held-out validation split (``split_train_val``); ``"train"``: the rest,
+            the images the model was trained on; ``"all"``: every image.
         val_fraction: the validation share ``train.json`` held out.
         seed: the seed of that split.
 
@@ -84,10 +91,12 @@ def calibration_items(
     items = []
     for source in sources:
         domain = domain_datalist(dataset_dir, source, datalist)
-        items += split_train_val(domain, val_fraction, seed)[1] if split == "val" else domain
-    which = (
-        f"held-out validation split (val_fraction {val_fraction:g}, seed {seed})" if split == "val" else "all images"
-    )
+        items += domain if split == "all" else split_train_val(domain, val_fraction, seed)[split == "val"]
+    which = {
+        "val": f"held-out validation split (val_fraction {val_fraction:g}, seed {seed})",
+        "train": f"training split (val_fraction {val_fraction:g} held out, seed {seed})",
+        "all": "all images",
+    }[split]
     return [{"image": i["image"]} for i in items], f"{', '.join(sources)}: {which}"
 
 
@@ -145,6 +154,8 @@ def calibrate_checkpoint(
 ) -> dict:
     """Measure the source model's in-domain shifts, write the calibration beside ``ckpt_path`` and return it (with
     ``"path"``, the file written, or None, and ``"shifts"``, each image's path and shift in the order measured).
+    The first-layer gate's threshold (its ``"first_layer"`` entry) is measured on the training split (``"all"``
+    for ``split="all"``), the images whose statistics the source ones are.
 
     Args:
         ckpt_path: the source checkpoint.
@@ -175,6 +186,13 @@ def calibrate_checkpoint(
     model = load_weights(network, ckpt_path).to(torch.device(device))
     shifts = per_batch_shifts(model, _batches(items, preprocessing, patches, torch.device(device)), bn_prior)
     calibration = shift_calibration(shifts, bn_prior, description)
+    first_items, first_description = calibration_items(
+        dataset_dir, sources, datalist, "all" if split == "all" else "train", val_fraction, seed
+    )
+    if max_images is not None and len(first_items) > max_images:
+        first_items, first_description = first_items[:max_images], f"{first_description}, first {max_images}"
+    first = first_layer_divergences(model, _batches(first_items, preprocessing, patches, torch.device(device)))
+    calibration["first_layer"] = first_layer_calibration(first, first_description)
     path = save_shift_calibration(ckpt_path, calibration) if write else None
     measured = [{"image": str(item["image"]), "shift": shift} for item, shift in zip(items, shifts, strict=True)]
     return {**calibration, "path": path, "shifts": measured}
@@ -204,7 +222,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool = 
     parser.add_argument("--source", nargs="+", required=required, help="the source domain(s) the model was trained on")
     parser.add_argument("--datalist", default=None, help="a datalist JSON (default: DATASET_DIR/datalist.json)")
     parser.add_argument("--config", default=None, help="bundle config (default: the bundle's configs/inference.json)")
-    parser.add_argument("--split", choices=SPLITS, default="val", help="held-out validation split, or all images")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="val", help="held-out validation split, training split, or all images"
+    )
     parser.add_argument("--val_fraction", type=float, default=0.2, help="the validation share train.json held out")
     parser.add_argument("--seed", type=int, default=0, help="the seed of train.json's split")
     parser.add_argument("--bn_prior", type=float, default=DEFAULT_BN_PRIOR, help="the gate's BatchNorm prior")
@@ -230,6 +250,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"min_shift {calibration['min_shift']:.4f} from {calibration['images']} images ({calibration['split']}; "
         f"mean {summary['mean']:.4f}, std {summary['std']:.4f}, 90th pct {summary['q90']:.4f}) -> "
         f"{calibration['path'] or 'not written (--dry_run)'}"
+    )
+    first = calibration["first_layer"]
+    print(
+        f"first-layer min_shift {first['min_shift']:.4f} from {first['images']} images ({first['split']}; median "
+        f"{first['per_image']['q50']:.4f}, 90th pct {first['per_image']['q90']:.4f})"
     )
     if args.dry_run:  # where each image falls
         for measured in calibration["shifts"]:
