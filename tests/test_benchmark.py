@@ -21,8 +21,9 @@ def test_parse_method_options_and_label():
     assert spec.label == "grata:align=false,aux=entropy,beta=0.001,bn_prior=inf"
     assert parse_method("none").label == "none"
     # a preset name is its spelled-out spec (same cells, same store rows); written options win over the preset's
-    stem = "norm:bn_first_layers=1,bn_prior=inf"
-    assert parse_method("default").label == parse_method("stem_statistics").label == stem
+    assert parse_method("stem_statistics").label == "norm:bn_first_layers=1,bn_prior=inf"
+    gated = "norm:bn_first_layers=1,bn_first_min_shift=calibrated,bn_prior=inf"
+    assert parse_method("default").label == parse_method("stem_gated").label == gated
     assert parse_method("grata_calibrated").label == (
         "grata:beta=0.001,bn_prior=256,min_shift=calibrated,reuse_teacher=true,steps=3,teacher_channels_last=true"
     )

@@ -231,11 +231,11 @@ def test_inference_on_unlabelled_nifti_folder(source_model, tmp_path):
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"scan{i}.nii.gz"))
     out = str(tmp_path / "out")
     overrides = {"ckpt_path": source_model, "dataset_dir": folder, "output_dir": out}
-    # a model trained without the source data at hand has no gate calibration: the default needs none, and the
-    # calibrated GraTa says how to make it
-    missing = run_config("inference.json", method="grata_calibrated", **overrides, **SMALL)
+    # a model trained without the source data at hand has no gate calibration: the default says how to make it, and
+    # the ungated stem needs none
+    missing = run_config("inference.json", **overrides, **SMALL)
     assert_one_line_error(missing, "no shift calibration beside", "python -m monai_grata.utils.calibrate_shift")
-    assert_ok(run_config("inference.json", **overrides, **SMALL))
+    assert_ok(run_config("inference.json", method="stem_statistics", **overrides, **SMALL))
     masks = sorted(os.listdir(os.path.join(out, "masks")))
     assert masks == ["scan0_mask.nii.gz", "scan1_mask.nii.gz"]
     assert nib.load(os.path.join(out, "masks", masks[0])).shape[:2] == (50, 60)

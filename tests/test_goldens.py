@@ -28,9 +28,13 @@ SPINALCORD = os.path.join(REPO_ROOT, "bundles", "spinalcord_gm", "configs")
 CASES = {
     **{
         f"grata:{m}": (FUNDUS, {"method": m, "datalist": FUNDUS_DATALIST})
-        for m in ("none", "default", "grata_calibrated", "paper", "source_prior", "tent", "dua", "diga", "sar")
-    },
+        for m in (
+            "none", "default", "stem_statistics", "grata_calibrated", "paper", "source_prior", "tent", "dua", "diga",
+            "sar",
+        )
+    },  # fmt: skip
     "spinalcord_gm:default": (SPINALCORD, {}),
+    "spinalcord_gm:stem_statistics": (SPINALCORD, {"method": "stem_statistics"}),
     "spinalcord_gm:grata_calibrated": (SPINALCORD, {"method": "grata_calibrated"}),
 }
 TOLERANCE = 1e-4

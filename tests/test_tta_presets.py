@@ -36,11 +36,11 @@ def test_a_preset_sets_its_own_options(name):
     assert {k: options[k] for k in preset} == preset
 
 
-def test_the_default_puts_the_stem_on_test_statistics_and_source_prior_the_statistics_alone():
+def test_stem_statistics_puts_the_stem_on_test_statistics_and_source_prior_the_statistics_alone():
     stem = {"method": "norm", "options": {"bn_prior": math.inf, "bn_first_layers": 1}}
-    assert PRESETS["default"] == PRESETS["stem_statistics"] == stem
+    assert PRESETS["stem_statistics"] == stem
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
-    method, options = resolve_method("default", task="fundus")
+    method, options = resolve_method("stem_statistics", task="fundus")
     adapter = build_adapter(method, model, **options)
     priors = [layer.policy.prior for layer in adaptive_batch_norms(adapter.model)]
     assert priors == [0.0, math.inf]  # no calibration file needed
@@ -61,12 +61,12 @@ def test_grata_calibrated_is_the_gated_grata_on_the_model_calibration():
         resolve_method("grata_calibrated", ckpt_path=os.path.join(REPO_ROOT, "no_such_model.pt"))
 
 
-def test_stem_gated_gates_the_stem_by_the_model_first_layer_calibration():
-    assert PRESETS["stem_gated"] == {
+def test_the_default_gates_the_stem_by_the_model_first_layer_calibration():
+    assert PRESETS["default"] == PRESETS["stem_gated"] == {
         "method": "norm",
         "options": {**PRESETS["stem_statistics"]["options"], "bn_first_min_shift": CALIBRATED},
     }
-    method, options = resolve_method("stem_gated", ckpt_path=CKPT)
+    method, options = resolve_method("default", ckpt_path=CKPT)
     assert options["bn_first_min_shift"] == FIRST_THRESHOLD
     model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
     layers = adaptive_batch_norms(build_adapter(method, model, task="fundus", **options).model)

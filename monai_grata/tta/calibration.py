@@ -20,8 +20,8 @@ time, the source weights) over the model's own training images:
 
     first_min_shift = 1.5 · (90th percentile of the in-domain per-image divergences)
 
-so about one in-domain image in ten comes near it and very few pass it, while the other fundus domains' images
-score 3-8 times the median in-domain value (``docs/results.md``, "Gating the stem by the model's own images").
+so about one in-domain image in ten comes near it and very few pass it (the rule was chosen among others on the
+fundus development split: ``docs/results.md``, "Gating the stem by the model's own images").
 
 The calibration is a JSON file beside the checkpoint, ``<checkpoint stem>.shift.json`` (:func:`shift_calibration_path`),
 with the threshold, the rule, the prior, the split, summary quantiles of the per-batch shifts and the sha256 of the
