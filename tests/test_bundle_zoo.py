@@ -53,7 +53,7 @@ def test_large_files_list_every_weight_file_with_its_sha256(bundle):
 def test_metadata_version_is_the_newest_changelog_entry(bundle):
     with open(os.path.join(REPO_ROOT, bundle, "configs", "metadata.json")) as f:
         metadata = json.load(f)
-    assert metadata["version"] == "0.4.0" and check_version(metadata) == []
+    assert metadata["version"] == "0.5.0" and check_version(metadata) == []
     assert "../" not in metadata["data_source"] and "docs/data.md" in metadata["data_source"]
 
 
@@ -121,12 +121,12 @@ def _metadata(bundle: str) -> str:
 BREAKAGES = {
     "no_license": (lambda b: os.remove(os.path.join(b, "LICENSE")), "necessary file LICENSE is missing"),
     "version_not_in_changelog": (
-        lambda b: _edit_json(_metadata(b), lambda m: m.update(version="0.5.0")),
-        "version 0.5.0 is missing in 'changelog'",
+        lambda b: _edit_json(_metadata(b), lambda m: m.update(version="0.6.0")),
+        "version 0.6.0 is missing in 'changelog'",
     ),
     "version_not_newest": (
         lambda b: _edit_json(_metadata(b), lambda m: m["changelog"].update({"0.10.0": "later"})),
-        "version 0.4.0 is not the newest in 'changelog' (0.10.0 is)",
+        "version 0.5.0 is not the newest in 'changelog' (0.10.0 is)",
     ),
     "invalid_metadata": (
         lambda b: _edit_json(_metadata(b), lambda m: m.pop("task")),

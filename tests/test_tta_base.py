@@ -84,6 +84,8 @@ def test_the_constructor_signature_is_the_subclass_own():
         "bn_momentum": 0.0,
         "bn_first_layers": 0,
         "bn_first_prior": 0.0,
+        "bn_min_shift": 0.0,
+        "bn_first_min_shift": 0.0,
     }
     register_adapter("scaled_test")(Scaled)
     try:

@@ -26,7 +26,10 @@ from .test_tta_baselines import images, sharp_net
 #: the batches each adapter sees: enough for a memory bank, a momentum schedule or a reset to show
 N_BATCHES = 5
 #: the flat options of a BatchNorm policy, documented through the constructor's ``normalization`` argument
-POLICY_OPTIONS = {name: "normalization" for name in ("bn_prior", "bn_momentum", "bn_first_layers", "bn_first_prior")}
+POLICY_OPTIONS = {
+    name: "normalization"
+    for name in ("bn_prior", "bn_momentum", "bn_first_layers", "bn_first_prior", "bn_min_shift", "bn_first_min_shift")
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,10 @@ def _policy_cases(prior_value: float = 4.0) -> dict[str, Case]:
         "bn_first_layers": Case(1, base={"bn_prior": 4.0}, why="the first layer on the batch alone: needs a prior"),
         "bn_first_prior": Case(
             2.0, base={"bn_prior": 4.0, "bn_first_layers": 1}, why="the first layers' prior: needs first layers"
+        ),
+        "bn_min_shift": Case(1e3, why="a gate above every batch's divergence: the source statistics throughout"),
+        "bn_first_min_shift": Case(
+            1e3, base={"bn_prior": 4.0, "bn_first_layers": 1}, why="the first layers' gate: needs first layers"
         ),
     }
 

@@ -103,7 +103,8 @@ def _takes_normalization(cls: type[TTAdapter]) -> bool:
 def adapter_defaults(name: str) -> dict:
     """The options :func:`build_adapter` takes for the adapter registered as ``name``, with their defaults: its
     constructor's keyword arguments, the policy ``normalization`` given as the flat options ``bn_prior`` and
-    ``bn_momentum``, ``bn_first_layers`` and ``bn_first_prior`` of the adapter's default policy."""
+    ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``, ``bn_min_shift`` and ``bn_first_min_shift`` of the
+    adapter's default policy."""
     cls = adapter_class(name)
     parameters = inspect.signature(cls).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
@@ -146,7 +147,8 @@ def build_adapter(
             ``"fundus"``): it fills the options the task decides (:meth:`~monai_grata.data.TaskSpec.adapter_options`:
             ``multilabel``, a volume's in-plane views, ...) that ``kwargs`` do not set. None: ``kwargs`` say all.
         kwargs: the adapter's constructor arguments, and the flat policy options of :data:`NORMALIZATION_OPTIONS`
-            (``bn_prior``, ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``: the fields of its
+            (``bn_prior``, ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``, ``bn_min_shift``,
+            ``bn_first_min_shift``: the fields of its
             :class:`~monai_grata.tta.BatchNormPolicy`; None: the adapter's default) for adapters that take one.
 
     Raises:

@@ -342,6 +342,9 @@ class AdaptiveBatchNorm(nn.Module):
         mean, var, batch_mean, batch_var = self._mixed_statistics(grouped)
         if follows:  # the prior follows the test stream: an exponential moving average of the test statistics
             self._follow_stream(batch_mean.mean(dim=0), batch_var.mean(dim=0))
+        differentiable = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
+        if self.groups == 1 and not differentiable:  # one fused pass (eval-mode batch_norm takes no grad to mean, var)
+            return F.batch_norm(x, mean.reshape(c), var.reshape(c), self.weight, self.bias, False, 0.0, self.eps)
         out = (grouped - mean) * torch.rsqrt(var + self.eps)
         if self.weight is not None:
             shape = (1, 1, c) + (1,) * (x.ndim - 2)
