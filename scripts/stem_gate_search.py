@@ -24,7 +24,7 @@ import torch
 from monai_grata.benchmark.cells import _score, default_setup, load_target, target_items
 from monai_grata.data import domain_datalist, split_train_val
 from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import BatchNormPolicy, convert_to_adaptive_batch_norm
+from monai_grata.tta import BatchNormPolicy, convert_to_adaptive_batch_norm, record_batch_norm_shift
 from monai_grata.tta.calibration import first_layer_divergences
 
 DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
@@ -40,8 +40,10 @@ def predictions(source: str, target: str, models_dir: str, images: list[dict]) -
     rows = []
     for item in images:
         x = item["image"][None]
-        (divergence,) = first_layer_divergences(network, [x])
-        rows.append((_score(network(x), item, setup.task)[0], _score(stem(x), item, setup.task)[0], divergence))
+        with record_batch_norm_shift(network) as record:  # the divergence from the source model's own forward
+            plain = network(x)
+        divergence = float(record.divergences[0])
+        rows.append((_score(plain, item, setup.task)[0], _score(stem(x), item, setup.task)[0], divergence))
     return rows
 
 

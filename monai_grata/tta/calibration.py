@@ -43,8 +43,8 @@ from torch import nn
 
 from monai_grata.data.checks import BadInputError, MissingInputError
 
-from .normalization import BatchNormPolicy, batch_norm_layers, convert_to_adaptive_batch_norm, source_divergence
-from .shift import batch_norm_shift
+from .normalization import BatchNormPolicy, convert_to_adaptive_batch_norm
+from .shift import batch_norm_shift, record_batch_norm_shift
 
 __all__ = [
     "FIRST_SHIFT_RULE",
@@ -138,27 +138,16 @@ def first_layer_divergences(model: nn.Module, batches: Iterable[torch.Tensor]) -
         batches: the batches as the adapter receives them (one image (1, C, H, W) at a time, or a volume's patches).
 
     Raises:
-        ValueError: a model without BatchNorm running statistics.
+        ValueError: a model without BatchNorm running statistics (from
+            :func:`~monai_grata.tta.record_batch_norm_shift`).
     """
     gauged = copy.deepcopy(model).eval()
-    layers = batch_norm_layers(gauged)
-    if not layers or getattr(layers[0][1], "running_mean", None) is None:
-        raise ValueError("the first-layer gate needs a network whose first BatchNorm keeps running statistics")
-    layer = layers[0][1]
-    divergences: list[torch.Tensor] = []
-
-    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        h = inputs[0].float()
-        var, mean = torch.var_mean(h, dim=[0, *range(2, h.ndim)], correction=0)
-        running = (module.running_mean.float(), module.running_var.float())
-        divergences.append(source_divergence(mean, var, *running, module.eps).mean())
-
-    hook = layer.register_forward_pre_hook(record)
-    try:
+    divergences = []
+    with record_batch_norm_shift(gauged) as record:  # the per-layer divergences, in the order the forward passes them
         for x in batches:
+            record.divergences.clear()
             gauged(x)
-    finally:
-        hook.remove()
+            divergences.append(record.divergences[0])
     return [float(d) for d in divergences]
 
 
