@@ -9,8 +9,11 @@ For every shipped fundus source model: the divergence of the first BatchNorm's i
 image the source model's prediction, the stem-statistics prediction (``default``) and the image's divergence. A rule
 takes the stem prediction where the divergence exceeds ``factor × quantile`` of the training divergences, the source
 prediction elsewhere (what ``bn_first_min_shift`` does in one forward). Forward passes only, no state carried from
-one image to the next. Prints a markdown table: one row per rule, the pairs' mean Dice, the development average and
-its change over No Adapt, the worst development pair's change, and the change on each no-shift split.
+one image to the next, except in the site rules: ``… + site > q`` also opens the gate for every image once the median
+divergence of the stream's images so far (at least ``--site_min_images`` of them, in datalist order) exceeds the
+``q`` quantile of the training divergences — a site judged shifted as a whole. Prints a markdown table: one row per
+rule, the pairs' mean Dice, the development average and its change over No Adapt, the worst development pair's
+change, and the change on each no-shift split.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--quantiles", nargs="+", type=float, default=[0.75, 0.9, 0.95])
     parser.add_argument("--factors", nargs="+", type=float, default=[1.5, 2.0, 2.5, 3.0])
     parser.add_argument("--max_images", type=int, default=50)
+    parser.add_argument("--skip_images", type=int, default=0, help="50: the report split (images 51 on), a check")
+    parser.add_argument("--site_quantiles", nargs="+", type=float, default=[0.75, 0.9])
+    parser.add_argument("--site_min_images", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     setup = default_setup()
@@ -66,15 +72,25 @@ def main() -> None:
         training[source] = torch.tensor(first_layer_divergences(network, [i["image"][None] for i in train]))
     for source, target in pairs:
         items = target_items(args.dataset_dir, target)
-        items = items if target.endswith(":val") else items[: args.max_images]
+        items = items if target.endswith(":val") else items[args.skip_images : args.skip_images + args.max_images]
         measured[source, target] = predictions(source, target, args.models_dir, load_target(items, 256, setup))
-    rules = [("none (No Adapt)", None, math.inf), ("the stem ungated (stem_statistics)", None, 0.0)]
-    rules += [(f"{f:g} × q{q:g}", q, f) for q in args.quantiles for f in args.factors]
+    rules = [("none (No Adapt)", None, math.inf, None), ("the stem ungated (stem_statistics)", None, 0.0, None)]
+    rules += [(f"{f:g} × q{q:g}", q, f, None) for q in args.quantiles for f in args.factors]
+    rules += [(f"1.5 × q0.9 + site > q{s:g}", 0.9, 1.5, s) for s in args.site_quantiles]
     table = {}
-    for label, q, factor in rules:
+    for label, q, factor, site_q in rules:
         for source, target in pairs:
             threshold = factor if q is None else factor * float(torch.quantile(training[source].double(), q))
-            dice = [stem if d > threshold else plain for plain, stem, d in measured[source, target]]
+            rows = measured[source, target]
+            site = [False] * len(rows)
+            if site_q is not None:
+                site_threshold = float(torch.quantile(training[source].double(), site_q))
+                seen = torch.tensor([d for _, _, d in rows]).double()
+                site = [
+                    i + 1 >= args.site_min_images and float(seen[: i + 1].median()) > site_threshold
+                    for i in range(len(rows))
+                ]
+            dice = [stem if d > threshold or s else plain for (plain, stem, d), s in zip(rows, site, strict=True)]
             table.setdefault(label, []).append(float(torch.stack(dice).nanmean(dim=0).mean()))
     n_dev = len(pairs) - len(DOMAINS)
     print("| rule | " + " | ".join(f"{s}→{t}" for s, t in pairs) + " | dev average | Δ | worst Δ | no-shift Δ |")

@@ -76,6 +76,27 @@ def test_reset_on_domain_change():
     assert resets == [3]  # first image of domain "b"
 
 
+def test_the_evaluator_prediction_moves_a_following_prior_and_feeds_the_site_gate_as_the_adapter_does():
+    source = tiny_net()
+    options = {"bn_prior": 4.0, "bn_momentum": 0.5, "bn_min_shift": 1e3, "bn_site_min_shift": 1e-9,
+               "bn_site_min_batches": 3}  # fmt: skip
+    reference = build_adapter("norm", copy.deepcopy(source), **options)
+    expected = [reference(batch["image"]) for batch in loader()]
+    network = copy.deepcopy(source)
+    handler = TTAHandler(method="norm", task="fundus", reset_key="domain", **options)
+    engine = evaluator(network, [handler])
+    preds, records = [], []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
+    engine.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: records.append(len(handler.adapter.model[1].stream_divergences))
+    )
+    engine.run()
+    assert records == [1, 2, 1, 2]  # one record per prediction, a new stream at domain "b"
+    for got, want in zip(preds[:2], expected[:2], strict=True):  # the reference runs one stream: its first two
+        torch.testing.assert_close(got[None], want, rtol=0, atol=1e-6)
+    assert not torch.equal(network[1].running_mean, source[1].running_mean)  # the prior followed the stream
+
+
 def test_adapter_sees_the_batch_as_the_evaluator_prepares_it():
     calls = []
 

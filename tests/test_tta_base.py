@@ -86,6 +86,9 @@ def test_the_constructor_signature_is_the_subclass_own():
         "bn_first_prior": 0.0,
         "bn_min_shift": 0.0,
         "bn_first_min_shift": 0.0,
+        "bn_site_min_shift": 0.0,
+        "bn_first_site_min_shift": 0.0,
+        "bn_site_min_batches": 5,
     }
     register_adapter("scaled_test")(Scaled)
     try:

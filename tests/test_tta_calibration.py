@@ -127,6 +127,11 @@ def test_calibration_file_round_trip(tmp_path):
     first = first_layer_calibration([0.1, 0.2, 0.3, 0.4, 0.5], split="x: training split")
     save_shift_calibration(ckpt, {**calibration, "first_layer": first})
     assert read_first_shift_threshold(ckpt) == pytest.approx(1.5 * 0.46) and first["images"] == 5
+    assert read_first_shift_threshold(ckpt, site=True) == pytest.approx(0.46)  # the 90th percentile itself
+    del first["site_min_shift"]  # a calibration written before the site gate
+    save_shift_calibration(ckpt, {**calibration, "first_layer": first})
+    with pytest.raises(MissingInputError, match="no first-layer site gate: run python -m"):
+        read_first_shift_threshold(ckpt, site=True)
 
 
 def test_stale_or_foreign_calibration_is_refused(tmp_path):
@@ -196,6 +201,7 @@ def test_command_calibrates_a_model_on_its_validation_split(tmp_path, capsys):
     assert calibration["first_layer"]["images"] == 8  # the training split: the other 80 %
     assert calibration["first_layer"]["split"] == "site_a: training split (val_fraction 0.2 held out, seed 0)"
     assert read_first_shift_threshold(ckpt) == pytest.approx(calibration["first_layer"]["min_shift"])
+    assert read_first_shift_threshold(ckpt, site=True) == pytest.approx(calibration["first_layer"]["site_min_shift"])
     assert "first-layer min_shift" in capsys.readouterr().out
     everything = main(["--ckpt_path", ckpt, "--dataset_dir", dataset_dir, "--source", "site_a", "--split", "all",
                        "--image_size", "64"])  # fmt: skip

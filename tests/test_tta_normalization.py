@@ -19,7 +19,7 @@ from monai_grata.tta import (
     per_group_batch_norm,
     track_test_statistics,
 )
-from monai_grata.tta.normalization import source_divergence
+from monai_grata.tta.normalization import adaptive_batch_norms, source_divergence
 
 from .test_tta_grata import tiny_net
 
@@ -227,6 +227,44 @@ def test_the_gate_keeps_the_source_statistics_for_a_batch_near_the_source():
         BatchNormPolicy(min_shift=-0.1)
     with pytest.raises(ValueError, match="bn_min_shift"):
         BatchNormPolicy(prior=math.inf, min_shift=0.1)
+
+
+@torch.no_grad()
+def test_the_site_gate_opens_for_every_image_once_the_stream_median_is_shifted():
+    net = tiny_net()
+    in_domain = 0.5 + 0.1 * torch.randn(9, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    var, mean = torch.var_mean(net[0](in_domain[1:]), dim=(0, 2, 3), correction=0)
+    net[1].running_mean.copy_(mean), net[1].running_var.copy_(var)
+    near, far = in_domain[:1], torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    h = net[0](far)
+    far_var, far_mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+    far_divergence = float(source_divergence(far_mean, far_var, mean, var, net[1].eps).mean())
+    policy = {"prior": math.inf, "first_layers": 1, "first_min_shift": far_divergence * 2, "site_min_batches": 3}
+    source, stem = copy.deepcopy(net).eval(), adaptive(net, prior=math.inf, first_layers=1)
+    shifted_site = build_adapter("norm", copy.deepcopy(net), normalization=BatchNormPolicy(
+        **policy, first_site_min_shift=far_divergence / 2))  # fmt: skip
+    layer = adaptive_batch_norms(shifted_site.model)[0]
+    assert layer.policy.site_min_shift == far_divergence / 2
+    for _ in range(2):  # the per-image gate is shut for far and the site gate waits for 3 images
+        torch.testing.assert_close(shifted_site(far), source(far), rtol=0, atol=1e-5)
+    torch.testing.assert_close(shifted_site(far), stem(far), rtol=0, atol=1e-5)  # median of 3 far ones: open
+    torch.testing.assert_close(shifted_site(near), stem(near), rtol=0, atol=1e-5)  # open for a near one too
+    assert len(layer.stream_divergences) == 4  # one record per prediction
+    shifted_site.model(near)  # a forward outside the adapter's prediction records nothing
+    assert len(layer.stream_divergences) == 4
+    shifted_site.reset()  # a new stream: the record is gone
+    assert layer.stream_divergences == []
+    torch.testing.assert_close(shifted_site(far), source(far), rtol=0, atol=1e-5)
+    unshifted_site = build_adapter("norm", copy.deepcopy(net), normalization=BatchNormPolicy(
+        **policy, first_site_min_shift=far_divergence * 4))  # fmt: skip
+    for _ in range(4):  # the stream's median stays below the site gate
+        torch.testing.assert_close(unshifted_site(far), source(far), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"bn_first_site_min_shift .*\(bn_first_min_shift > 0\)"):
+        BatchNormPolicy(first_layers=1, first_site_min_shift=0.1)
+    with pytest.raises(ValueError, match="bn_site_min_shift"):
+        BatchNormPolicy(prior=4.0, min_shift=0.1, site_min_shift=-1.0)
+    with pytest.raises(ValueError, match="site_min_batches"):
+        BatchNormPolicy(site_min_batches=0)
 
 
 def test_the_shift_reads_the_public_running_statistics():

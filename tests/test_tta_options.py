@@ -28,7 +28,17 @@ N_BATCHES = 5
 #: the flat options of a BatchNorm policy, documented through the constructor's ``normalization`` argument
 POLICY_OPTIONS = {
     name: "normalization"
-    for name in ("bn_prior", "bn_momentum", "bn_first_layers", "bn_first_prior", "bn_min_shift", "bn_first_min_shift")
+    for name in (
+        "bn_prior",
+        "bn_momentum",
+        "bn_first_layers",
+        "bn_first_prior",
+        "bn_min_shift",
+        "bn_first_min_shift",
+        "bn_site_min_shift",
+        "bn_first_site_min_shift",
+        "bn_site_min_batches",
+    )
 }
 
 
@@ -75,6 +85,21 @@ def _policy_cases(prior_value: float = 4.0) -> dict[str, Case]:
         "bn_min_shift": Case(1e3, why="a gate above every batch's divergence: the source statistics throughout"),
         "bn_first_min_shift": Case(
             1e3, base={"bn_prior": 4.0, "bn_first_layers": 1}, why="the first layers' gate: needs first layers"
+        ),
+        "bn_site_min_shift": Case(
+            1e-9,
+            base={"bn_prior": 4.0, "bn_min_shift": 1e3},
+            why="a shut per-batch gate that the site gate opens from the fifth batch on",
+        ),
+        "bn_first_site_min_shift": Case(
+            1e-9,
+            base={"bn_prior": 4.0, "bn_first_layers": 1, "bn_first_min_shift": 1e3},
+            why="the first layers' shut gate, opened from the fifth batch on",
+        ),
+        "bn_site_min_batches": Case(
+            1,
+            base={"bn_prior": 4.0, "bn_min_shift": 1e3, "bn_site_min_shift": 1e-9},
+            why="the site gate opens from the first batch instead of the fifth",
         ),
     }
 

@@ -14,6 +14,8 @@ from .conftest import REPO_ROOT
 #: first layer's FIRST_THRESHOLD)
 CKPT = os.path.join(REPO_ROOT, "bundles", "grata", "models", "source_refuge_train.pt")
 FIRST_THRESHOLD = 0.248279
+#: its first layer's site gate (the 90th percentile of the training images' divergences)
+FIRST_SITE = 0.165519
 KWARGS = {"grata": {"beta": 1e-4, "bn_prior": 0.0}, "norm": {"episodic": False}}
 
 
@@ -75,6 +77,20 @@ def test_the_default_gates_the_stem_by_the_model_first_layer_calibration():
         resolve_method("stem_gated")
     with pytest.raises(ValueError, match="bn_first_layers 1, got 2"):
         resolve_method("stem_gated", overrides={"bn_first_layers": 2}, ckpt_path=CKPT)
+
+
+def test_stem_site_gated_adds_the_model_site_gate_to_the_gated_stem():
+    assert PRESETS["stem_site_gated"]["options"] == {
+        **PRESETS["stem_gated"]["options"],
+        "bn_first_site_min_shift": CALIBRATED,
+    }
+    method, options = resolve_method("stem_site_gated", ckpt_path=CKPT)
+    assert (options["bn_first_min_shift"], options["bn_first_site_min_shift"]) == (FIRST_THRESHOLD, FIRST_SITE)
+    model = UNet(2, 3, 2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    first = adaptive_batch_norms(build_adapter(method, model, task="fundus", **options).model)[0]
+    assert (first.policy.min_shift, first.policy.site_min_shift) == (FIRST_THRESHOLD, FIRST_SITE)
+    with pytest.raises(ValueError, match="bn_first_site_min_shift='calibrated' .* bn_first_layers 1, got 2"):
+        resolve_method("stem_site_gated", overrides={"bn_first_layers": 2, "bn_first_min_shift": 0.1}, ckpt_path=CKPT)
 
 
 @pytest.mark.parametrize("name, threshold", [("grata_calibrated", 0.152551), ("grata_gated", 0.18)])

@@ -13,7 +13,14 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from monai_grata.data.task import TaskSpec
-from monai_grata.tta import AdaptationStep, PatchAdaptation, TTAdapter, build_adapter, resolve_method
+from monai_grata.tta import (
+    AdaptationStep,
+    PatchAdaptation,
+    TTAdapter,
+    build_adapter,
+    resolve_method,
+    track_test_statistics,
+)
 
 __all__ = ["GraTaHandler", "TTAHandler", "tta_output_transform"]
 
@@ -155,6 +162,9 @@ class TTAHandler:
             self._frozen.enter_context(self.patches.frozen())
         if not self._before and hasattr(engine, "inferer"):
             self._frozen.enter_context(_inferer_predicting(engine, self.adapter.predict))
+        if not self._before:  # the evaluator's forward is the batch's prediction: a following prior moves in it, and
+            # a site gate records it, as in the adapter's own forward (each window of a sliding window counts)
+            self._frozen.enter_context(track_test_statistics(self.adapter.model))
         engine.state.tta = step
         self.history.append(step)
 

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .normalization import AdaptiveBatchNorm, BatchNormPolicy, convert_to_adaptive_batch_norm, track_test_statistics
+from .normalization import (
+    AdaptiveBatchNorm,
+    BatchNormPolicy,
+    adaptive_batch_norms,
+    convert_to_adaptive_batch_norm,
+    track_test_statistics,
+)
 from .steps import AdaptationStep
 
 if TYPE_CHECKING:
@@ -50,6 +56,9 @@ NORMALIZATION_OPTIONS = {
     "bn_first_prior": "first_prior",
     "bn_min_shift": "min_shift",
     "bn_first_min_shift": "first_min_shift",
+    "bn_site_min_shift": "site_min_shift",
+    "bn_first_site_min_shift": "first_site_min_shift",
+    "bn_site_min_batches": "site_min_batches",
 }
 #: what ``adapter(x)`` returns: the prediction before or after the update on ``x``
 PREDICTION_ORDERS = ("before", "after")
@@ -103,8 +112,9 @@ def _takes_normalization(cls: type[TTAdapter]) -> bool:
 def adapter_defaults(name: str) -> dict:
     """The options :func:`build_adapter` takes for the adapter registered as ``name``, with their defaults: its
     constructor's keyword arguments, the policy ``normalization`` given as the flat options ``bn_prior`` and
-    ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``, ``bn_min_shift`` and ``bn_first_min_shift`` of the
-    adapter's default policy."""
+    ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``, ``bn_min_shift``, ``bn_first_min_shift`` and the site
+    gate's ``bn_site_min_shift``, ``bn_first_site_min_shift``, ``bn_site_min_batches`` of the adapter's default
+    policy."""
     cls = adapter_class(name)
     parameters = inspect.signature(cls).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
@@ -148,7 +158,8 @@ def build_adapter(
             ``multilabel``, a volume's in-plane views, ...) that ``kwargs`` do not set. None: ``kwargs`` say all.
         kwargs: the adapter's constructor arguments, and the flat policy options of :data:`NORMALIZATION_OPTIONS`
             (``bn_prior``, ``bn_momentum``, ``bn_first_layers``, ``bn_first_prior``, ``bn_min_shift``,
-            ``bn_first_min_shift``: the fields of its
+            ``bn_first_min_shift``, ``bn_site_min_shift``, ``bn_first_site_min_shift``, ``bn_site_min_batches``:
+            the fields of its
             :class:`~monai_grata.tta.BatchNormPolicy`; None: the adapter's default) for adapters that take one.
 
     Raises:
@@ -320,8 +331,10 @@ class TTAdapter(nn.Module, metaclass=_SetUpAfterConstruction):
         return self.model(x)
 
     def reset(self) -> None:
-        """Restore the source state, bit-exactly."""
+        """Restore the source state, bit-exactly, and forget the stream (the site gate's record)."""
         self.model.load_state_dict(self._source_model, strict=True)
+        for layer in adaptive_batch_norms(self.model):
+            layer.reset_stream()
 
     def adapt_batch(self, x: torch.Tensor) -> AdaptationStep:
         """Adapt on ``x`` (with the episodic reset and the input check); return the step's statistics.

@@ -21,7 +21,10 @@ time, the source weights) over the model's own training images:
     first_min_shift = 1.5 · (90th percentile of the in-domain per-image divergences)
 
 so about one in-domain image in ten comes near it and very few pass it (the rule was chosen among others on the
-fundus development split: ``docs/results.md``, "Gating the stem by the model's own images").
+fundus development split: ``docs/results.md``, "Gating the stem by the model's own images"). Its site gate
+(``bn_first_site_min_shift``: every image of a stream takes its own statistics once the median divergence of the
+stream's images exceeds it) is the 90th percentile itself: an in-domain stream's median lies near the in-domain
+median, far below it.
 
 The calibration is a JSON file beside the checkpoint, ``<checkpoint stem>.shift.json`` (:func:`shift_calibration_path`),
 with the threshold, the rule, the prior, the split, summary quantiles of the per-batch shifts and the sha256 of the
@@ -53,6 +56,7 @@ __all__ = [
     "first_layer_calibration",
     "first_layer_divergences",
     "first_shift_threshold",
+    "first_site_threshold",
     "read_first_shift_threshold",
     "load_shift_calibration",
     "per_batch_shifts",
@@ -76,6 +80,11 @@ FIRST_RULE_QUANTILE, FIRST_RULE_FACTOR = 0.9, 1.5
 FIRST_SHIFT_RULE = (
     f"{FIRST_RULE_FACTOR:g} * the {FIRST_RULE_QUANTILE:.0%} quantile of the in-domain per-batch divergence of the "
     f"first BatchNorm's input from its source statistics (source_divergence, mean over channels)"
+)
+#: quantile of the first layer's site gate (module docstring)
+FIRST_SITE_RULE_QUANTILE = 0.9
+FIRST_SITE_RULE = (
+    f"the {FIRST_SITE_RULE_QUANTILE:.0%} quantile of the same divergences, against the median over the stream's images"
 )
 
 
@@ -165,10 +174,25 @@ def first_shift_threshold(divergences: Sequence[float]) -> float:
     return float(FIRST_RULE_FACTOR * torch.quantile(values, FIRST_RULE_QUANTILE))
 
 
+def first_site_threshold(divergences: Sequence[float]) -> float:
+    """The first layer's site gate (``bn_first_site_min_shift``) from in-domain per-batch divergences: their
+    ``FIRST_SITE_RULE_QUANTILE`` quantile (linear interpolation).
+
+    Args:
+        divergences: the in-domain per-batch divergences (:func:`first_layer_divergences`, at least 2).
+
+    Raises:
+        BadInputError: fewer than 2 values, or a non-finite one.
+    """
+    values = _in_domain_values(divergences, "the first layer's site gate", "first-layer divergence")
+    return float(torch.quantile(values, FIRST_SITE_RULE_QUANTILE))
+
+
 def first_layer_calibration(divergences: Sequence[float], split: str) -> dict:
     """The calibration file's ``"first_layer"`` entry: the threshold (``min_shift``, the value of
-    ``bn_first_min_shift``) by :func:`first_shift_threshold`, the rule, the number of images, which they were, and a
-    summary of their divergences.
+    ``bn_first_min_shift``) by :func:`first_shift_threshold`, the site gate (``site_min_shift``, the value of
+    ``bn_first_site_min_shift``) by :func:`first_site_threshold`, their rules, the number of images, which they were,
+    and a summary of their divergences.
 
     Args:
         divergences: the in-domain per-batch divergences (:func:`first_layer_divergences`).
@@ -177,6 +201,8 @@ def first_layer_calibration(divergences: Sequence[float], split: str) -> dict:
     return {
         "min_shift": round(first_shift_threshold(divergences), 6),
         "rule": FIRST_SHIFT_RULE,
+        "site_min_shift": round(first_site_threshold(divergences), 6),
+        "site_rule": FIRST_SITE_RULE,
         "images": len(divergences),
         "split": split,
         "per_image": _summary(divergences),
@@ -296,21 +322,24 @@ def read_shift_threshold(ckpt_path: str, bn_prior: float | None = None) -> float
     return float(calibration["min_shift"])
 
 
-def read_first_shift_threshold(ckpt_path: str) -> float:
-    """The first-layer gate's threshold (``bn_first_min_shift``) calibrated for the checkpoint ``ckpt_path``.
+def read_first_shift_threshold(ckpt_path: str, site: bool = False) -> float:
+    """The first-layer gate's threshold (``bn_first_min_shift``) calibrated for the checkpoint ``ckpt_path``, or
+    with ``site`` its site gate (``bn_first_site_min_shift``).
 
     Args:
         ckpt_path: the source checkpoint.
+        site: read the site gate's threshold instead of the per-image one.
 
     Raises:
-        MissingInputError: no calibration beside the checkpoint, or one without the first-layer entry (the message
-            says how to make one).
+        MissingInputError: no calibration beside the checkpoint, or one without the first-layer entry or its site
+            gate (the message says how to make one).
         BadInputError: an unreadable or stale calibration.
     """
     calibration = load_shift_calibration(ckpt_path)
+    key, what = ("site_min_shift", "site gate") if site else ("min_shift", "threshold")
     try:
-        return float(calibration["first_layer"]["min_shift"])
+        return float(calibration["first_layer"][key])
     except (KeyError, TypeError, ValueError) as err:
         raise MissingInputError(
-            f"the shift calibration beside {ckpt_path} has no first-layer threshold: {_how_to_calibrate(ckpt_path)}"
+            f"the shift calibration beside {ckpt_path} has no first-layer {what}: {_how_to_calibrate(ckpt_path)}"
         ) from err

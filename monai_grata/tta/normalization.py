@@ -10,8 +10,8 @@ layers back in. Where the statistics come from is said by the layer's fields:
   median (MedBN) as the centre; and ``momentum``, how fast the source prior follows the test stream;
 - ``groups``: the batch splits into this many equal groups (views), each normalised by its own statistics
   (:func:`per_group_batch_norm`);
-- ``tracking``: the forward moves the prior towards the batch's statistics by ``policy.momentum``
-  (:func:`track_test_statistics`);
+- ``tracking``: the forward moves the prior towards the batch's statistics by ``policy.momentum``, and records the
+  batch's divergence for the site gate ``policy.site_min_shift`` (:func:`track_test_statistics`);
 - ``frozen``: fixed (mean, var) used whatever the batch (:func:`frozen_statistics`);
 - ``running_update``: PyTorch's train-mode BatchNorm with that momentum, moving the running statistics
   (:func:`update_running_statistics`, DUA).
@@ -104,11 +104,20 @@ class BatchNormPolicy:
             normalised with the source statistics alone. Decided per batch (per group) on the device, no host
             read. 0: no gate. Needs a finite ``prior``.
         first_min_shift: ``min_shift`` of the first ``first_layers`` layers (needs a finite ``first_prior``).
+        site_min_shift: a gate for the stream as a whole: once the median divergence of the batches the layer has
+            predicted (at least ``site_min_batches`` of them, recorded inside :func:`track_test_statistics`, the
+            current one included) exceeds it, every batch takes its own statistics, however close to the source:
+            a site judged shifted as a whole, whose images the per-batch ``min_shift`` lets through only in part.
+            0: no site gate. Needs a ``min_shift`` (without one every batch takes its statistics anyway). The record
+            is the layer's (each process of a distributed run keeps its own share of the stream) and the adapter's
+            :meth:`~monai_grata.tta.TTAdapter.reset` clears it.
+        first_site_min_shift: ``site_min_shift`` of the first ``first_layers`` layers (needs ``first_min_shift``).
+        site_min_batches: how many batches of the stream the site gate waits for before it may open (≥ 1).
 
     Raises:
         ValueError: a negative or NaN prior, a momentum outside [0, 1) or without a prior, an unknown statistic,
             median statistics with an infinite prior, a negative or fractional ``first_layers``, a negative
-            ``first_prior``, or a negative gate or one on an infinite prior.
+            ``first_prior``, a negative gate or one on an infinite prior, or a site gate without a per-batch gate.
     """
 
     prior: float = 0.0
@@ -118,6 +127,9 @@ class BatchNormPolicy:
     first_prior: float = 0.0
     min_shift: float = 0.0
     first_min_shift: float = 0.0
+    site_min_shift: float = 0.0
+    first_site_min_shift: float = 0.0
+    site_min_batches: int = 5
 
     def __post_init__(self) -> None:
         if not float(self.prior) >= 0:
@@ -145,21 +157,34 @@ class BatchNormPolicy:
                 raise ValueError(f"the gate ({name}) must be >= 0 (0: no gate), got {gate}")
             if gate and math.isinf(prior):
                 raise ValueError(f"{name} gates the batch's statistics: an infinite prior leaves none to gate")
-        for name in ("prior", "min_shift", "first_min_shift"):
+        for name, site, gate in (
+            ("bn_site_min_shift", self.site_min_shift, self.min_shift),
+            ("bn_first_site_min_shift", self.first_site_min_shift, self.first_min_shift),
+        ):
+            if not float(site) >= 0:
+                raise ValueError(f"the site gate ({name}) must be >= 0 (0: no site gate), got {site}")
+            if site and not gate:
+                raise ValueError(
+                    f"{name} opens a per-batch gate for the whole stream: set the gate it opens "
+                    f"({name.replace('site_', '')} > 0)"
+                )
+        if not (float(self.site_min_batches) >= 1 and float(self.site_min_batches) == int(self.site_min_batches)):
+            raise ValueError(f"site_min_batches must be a whole number >= 1, got {self.site_min_batches}")
+        for name in ("prior", "min_shift", "first_min_shift", "site_min_shift", "first_site_min_shift"):
             object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "site_min_batches", int(self.site_min_batches))
         object.__setattr__(self, "momentum", float(self.momentum))
         object.__setattr__(self, "first_layers", int(self.first_layers))
         object.__setattr__(self, "first_prior", float(self.first_prior))
 
     def for_layer(self, index: int) -> BatchNormPolicy:
         """The policy of the network's ``index``-th BatchNorm layer (0 first, in module order): the prior
-        :attr:`first_prior` and gate :attr:`first_min_shift` without momentum for the first :attr:`first_layers`,
-        this policy otherwise; a layer's policy has no first layers of its own."""
-        own = {"first_layers": 0, "first_prior": 0.0, "first_min_shift": 0.0}
+        :attr:`first_prior` and gates :attr:`first_min_shift`, :attr:`first_site_min_shift` without momentum for the
+        first :attr:`first_layers`, this policy otherwise; a layer's policy has no first layers of its own."""
+        own = {"first_layers": 0, "first_prior": 0.0, "first_min_shift": 0.0, "first_site_min_shift": 0.0}
         if index < self.first_layers:
-            return dataclasses.replace(
-                self, prior=self.first_prior, min_shift=self.first_min_shift, momentum=0.0, **own
-            )
+            first = {"min_shift": self.first_min_shift, "site_min_shift": self.first_site_min_shift}
+            return dataclasses.replace(self, prior=self.first_prior, momentum=0.0, **first, **own)
         return dataclasses.replace(self, **own)
 
     @property
@@ -244,6 +269,8 @@ class AdaptiveBatchNorm(nn.Module):
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None
         #: PyTorch's train-mode BatchNorm with this momentum (moving the running statistics), or None
         self.running_update: float | None = None
+        #: the divergences of the batches predicted so far (the site gate's record; :meth:`reset_stream`)
+        self.stream_divergences: list[torch.Tensor] = []
 
     @property
     def has_source_statistics(self) -> bool:
@@ -276,9 +303,26 @@ class AdaptiveBatchNorm(nn.Module):
         var = w * batch_var + (1 - w) * source_var
         if self.policy.min_shift:  # far enough from the source (per group), or the source's statistics alone
             divergence = source_divergence(batch_mean, batch_var, source_mean.float(), source_var.float(), self.eps)
-            shifted = divergence.mean(dim=2, keepdim=True) > self.policy.min_shift
+            divergence = divergence.mean(dim=2, keepdim=True)
+            shifted = divergence > self.policy.min_shift
+            if self.policy.site_min_shift:
+                shifted = shifted | self._site_shifted(divergence)
             mean, var = torch.where(shifted, mean, source_mean), torch.where(shifted, var, source_var)
         return mean, var, batch_mean, batch_var
+
+    def _site_shifted(self, divergence: torch.Tensor) -> torch.Tensor:
+        """Whether the stream as a whole is shifted (a 0-dim bool on the device): the median of the recorded batch
+        divergences above ``policy.site_min_shift``, once ``policy.site_min_batches`` are recorded. A forward inside
+        :func:`track_test_statistics` first records its own (the mean over its groups)."""
+        if self.tracking:
+            self.stream_divergences.append(divergence.detach().mean().reshape(1))
+        if len(self.stream_divergences) < self.policy.site_min_batches:
+            return torch.zeros((), dtype=torch.bool, device=divergence.device)
+        return torch.cat(self.stream_divergences).median() > self.policy.site_min_shift
+
+    def reset_stream(self) -> None:
+        """Forget the batches recorded for the site gate (a new stream, e.g. a new site, starts)."""
+        self.stream_divergences = []
 
     def _follow_stream(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
         """Move the running statistics towards the batch's (``tracking``, ``policy.momentum`` > 0)."""
@@ -509,8 +553,8 @@ def samples_per_input(model: nn.Module, samples: int) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def track_test_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the context, the forwards of every :class:`AdaptiveBatchNorm` whose policy has a momentum move its
-    prior towards the batch statistics (an adapter predicts each test batch once inside it). Plain BatchNorm
-    layers are left as they are.
+    prior towards the batch statistics, and those with a site gate record the batch's divergence (an adapter
+    predicts each test batch once inside it). Plain BatchNorm layers are left as they are.
 
     Args:
         model: the network.

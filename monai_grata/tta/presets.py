@@ -47,6 +47,9 @@ __all__ = ["CALIBRATED", "PRESETS", "calibrated_options", "effective_options", "
 #: threshold calibrated for the source model (``bn_first_min_shift="calibrated"``, the ``first_layer`` entry of its
 #: ``<checkpoint>.shift.json``); a closer image is predicted by the source model as it is. One forward per image
 #: (docs/results.md, "Gating the stem by the model's own images").
+#: ``stem_site_gated``: ``stem_gated`` with a site gate: once the median first-layer divergence of the stream's images
+#: (five at least) exceeds the 90th percentile of the model's training images (``bn_first_site_min_shift=
+#: "calibrated"``), every image of the stream takes the stem statistics, those the per-image gate would keep too.
 #: ``stem_statistics``: the default before that one: the stem on every image's own statistics, ungated (no
 #: calibration needed; up to 0.008 Dice lost on the source's own images).
 #: ``grata_calibrated``: the default before the stem: GraTa, three updates per image at beta 1e-3 on the source
@@ -67,6 +70,10 @@ PRESETS: dict[str, dict] = {
     "paper": {"method": "grata", "options": {}},
     "default": {"method": "norm", "options": {**_STEM, "bn_first_min_shift": CALIBRATED}},
     "stem_gated": {"method": "norm", "options": {**_STEM, "bn_first_min_shift": CALIBRATED}},
+    "stem_site_gated": {
+        "method": "norm",
+        "options": {**_STEM, "bn_first_min_shift": CALIBRATED, "bn_first_site_min_shift": CALIBRATED},
+    },
     "stem_statistics": {"method": "norm", "options": dict(_STEM)},
     "grata_calibrated": {
         "method": "grata",
@@ -122,19 +129,22 @@ def calibrated_options(options: Mapping, ckpt_path: str | None) -> dict:
     """``options`` with ``min_shift="calibrated"`` replaced by the threshold calibrated for ``ckpt_path``
     (:func:`~monai_grata.tta.read_shift_threshold`, checked against the options' ``bn_prior``) and
     ``bn_first_min_shift="calibrated"`` by the first-layer one (:func:`~monai_grata.tta.read_first_shift_threshold`,
-    for ``bn_first_layers`` 1); other options as they are.
+    for ``bn_first_layers`` 1), ``bn_first_site_min_shift="calibrated"`` by the first layer's site gate; other
+    options as they are.
 
     Args:
         options: an adapter's options.
         ckpt_path: the source checkpoint the adapter starts from.
 
     Raises:
-        ValueError: a ``"calibrated"`` option without a checkpoint, or ``bn_first_min_shift="calibrated"`` with
-            ``bn_first_layers`` other than 1 (the calibration measures the first layer).
+        ValueError: a ``"calibrated"`` option without a checkpoint, or a first-layer one (``bn_first_min_shift``,
+            ``bn_first_site_min_shift``) with ``bn_first_layers`` other than 1 (the calibration measures the first
+            layer).
         MissingInputError: no calibration file beside the checkpoint (the message names the command that makes it).
     """
     options = dict(options)
-    wanted = [key for key in ("min_shift", "bn_first_min_shift") if options.get(key) == CALIBRATED]
+    keys = ("min_shift", "bn_first_min_shift", "bn_first_site_min_shift")
+    wanted = [key for key in keys if options.get(key) == CALIBRATED]
     if wanted and ckpt_path is None:
         raise ValueError(
             f"{wanted[0]}='calibrated' is the threshold calibrated for the source checkpoint: give its ckpt_path "
@@ -142,13 +152,13 @@ def calibrated_options(options: Mapping, ckpt_path: str | None) -> dict:
         )
     if "min_shift" in wanted:
         options["min_shift"] = read_shift_threshold(ckpt_path, bn_prior=options.get("bn_prior"))
-    if "bn_first_min_shift" in wanted:
+    for key in [k for k in wanted if k.startswith("bn_first_")]:
         if options.get("bn_first_layers") != 1:
             raise ValueError(
-                "bn_first_min_shift='calibrated' is calibrated on the first BatchNorm layer: it needs bn_first_layers "
-                f"1, got {options.get('bn_first_layers')}"
+                f"{key}='calibrated' is calibrated on the first BatchNorm layer: it needs bn_first_layers 1, got "
+                f"{options.get('bn_first_layers')}"
             )
-        options["bn_first_min_shift"] = read_first_shift_threshold(ckpt_path)
+        options[key] = read_first_shift_threshold(ckpt_path, site=key == "bn_first_site_min_shift")
     return options
 
 

@@ -253,8 +253,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     first = calibration["first_layer"]
     print(
-        f"first-layer min_shift {first['min_shift']:.4f} from {first['images']} images ({first['split']}; median "
-        f"{first['per_image']['q50']:.4f}, 90th pct {first['per_image']['q90']:.4f})"
+        f"first-layer min_shift {first['min_shift']:.4f}, site_min_shift {first['site_min_shift']:.4f} from "
+        f"{first['images']} images ({first['split']}; median {first['per_image']['q50']:.4f}, 90th pct "
+        f"{first['per_image']['q90']:.4f})"
     )
     if args.dry_run:  # where each image falls
         for measured in calibration["shifts"]:
