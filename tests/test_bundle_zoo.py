@@ -53,7 +53,7 @@ def test_large_files_list_every_weight_file_with_its_sha256(bundle):
 def test_metadata_version_is_the_newest_changelog_entry(bundle):
     with open(os.path.join(REPO_ROOT, bundle, "configs", "metadata.json")) as f:
         metadata = json.load(f)
-    assert metadata["version"] == "0.5.0" and check_version(metadata) == []
+    assert metadata["version"] == "0.5.1" and check_version(metadata) == []
     assert "../" not in metadata["data_source"] and "docs/data.md" in metadata["data_source"]
 
 
@@ -126,7 +126,7 @@ BREAKAGES = {
     ),
     "version_not_newest": (
         lambda b: _edit_json(_metadata(b), lambda m: m["changelog"].update({"0.10.0": "later"})),
-        "version 0.5.0 is not the newest in 'changelog' (0.10.0 is)",
+        "version 0.5.1 is not the newest in 'changelog' (0.10.0 is)",
     ),
     "invalid_metadata": (
         lambda b: _edit_json(_metadata(b), lambda m: m.pop("task")),

@@ -50,6 +50,7 @@ JOB_OPTIONS: dict[str, str] = {
     "bn_first_layers": "bn_first_layers",
     "bn_first_prior": "bn_first_prior",
     "bn_first_min_shift": "bn_first_min_shift",
+    "bn_first_site_min_shift": "bn_first_site_min_shift",
     "aux": "aux",
     "pseudo": "pseudo",
     "activation": "activation",

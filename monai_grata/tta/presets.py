@@ -1,9 +1,9 @@
 """Named adaptation settings, and the one rule that decides which option value a run uses.
 
 Presets: ``inference.json --method default`` (the shipped default, also ``stem_gated``), ``--method paper``,
-``--method stem_statistics`` (the default before), ``--method grata_calibrated`` (the one before that), ``--method
-grata_gated`` and ``--method source_prior``; the benchmark accepts the same names (``--methods default paper
-source_prior``).
+``--method stem_site_gated`` (the default with a site gate), ``--method stem_statistics`` (the default before),
+``--method grata_calibrated`` (the one before that), ``--method grata_gated`` and ``--method source_prior``; the
+benchmark accepts the same names (``--methods default paper source_prior``).
 
 Precedence (:func:`resolve_method`), lowest first:
 
