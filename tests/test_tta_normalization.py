@@ -19,7 +19,7 @@ from monai_grata.tta import (
     per_group_batch_norm,
     track_test_statistics,
 )
-from monai_grata.tta.normalization import adaptive_batch_norms, source_divergence
+from monai_grata.tta.normalization import SITE_WINDOW, adaptive_batch_norms, source_divergence
 
 from .test_tta_grata import tiny_net
 
@@ -252,8 +252,9 @@ def test_the_site_gate_opens_for_every_image_once_the_stream_median_is_shifted()
     assert len(layer.stream_divergences) == 4  # one record per prediction
     shifted_site.model(near)  # a forward outside the adapter's prediction records nothing
     assert len(layer.stream_divergences) == 4
+    assert layer.stream_divergences.maxlen == SITE_WINDOW  # a bounded median per batch on a long stream
     shifted_site.reset()  # a new stream: the record is gone
-    assert layer.stream_divergences == []
+    assert len(layer.stream_divergences) == 0
     torch.testing.assert_close(shifted_site(far), source(far), rtol=0, atol=1e-5)
     unshifted_site = build_adapter("norm", copy.deepcopy(net), normalization=BatchNormPolicy(
         **policy, first_site_min_shift=far_divergence * 4))  # fmt: skip

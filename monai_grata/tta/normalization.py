@@ -22,6 +22,7 @@ DomainAdaptor's AdaMixBN, whose rule rewrites the affine parameters once per bat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -52,6 +53,8 @@ __all__ = [
     "update_running_statistics",
 ]
 
+#: the site gate's median runs over at most this many of the latest predicted batches (a bounded cost per batch)
+SITE_WINDOW = 1024
 #: the per-channel centre a layer normalises around: the mean, or (MedBN) the median
 STATISTICS = ("mean", "median")
 #: ``{layer name: (mean, var)}``, per-channel tensors
@@ -105,9 +108,10 @@ class BatchNormPolicy:
             read. 0: no gate. Needs a finite ``prior``.
         first_min_shift: ``min_shift`` of the first ``first_layers`` layers (needs a finite ``first_prior``).
         site_min_shift: a gate for the stream as a whole: once the median divergence of the batches the layer has
-            predicted (at least ``site_min_batches`` of them, recorded inside :func:`track_test_statistics`, the
-            current one included) exceeds it, every batch takes its own statistics, however close to the source:
-            a site judged shifted as a whole, whose images the per-batch ``min_shift`` lets through only in part.
+            predicted (at least ``site_min_batches`` of them, the latest :data:`SITE_WINDOW` at most, recorded
+            inside :func:`track_test_statistics`, the current one included) exceeds it, every batch takes its own
+            statistics, however close to the source: a site judged shifted as a whole, whose images the per-batch
+            ``min_shift`` lets through only in part.
             0: no site gate. Needs a ``min_shift`` (without one every batch takes its statistics anyway). The record
             is the layer's (each process of a distributed run keeps its own share of the stream) and the adapter's
             :meth:`~monai_grata.tta.TTAdapter.reset` clears it.
@@ -270,7 +274,7 @@ class AdaptiveBatchNorm(nn.Module):
         #: PyTorch's train-mode BatchNorm with this momentum (moving the running statistics), or None
         self.running_update: float | None = None
         #: the divergences of the batches predicted so far (the site gate's record; :meth:`reset_stream`)
-        self.stream_divergences: list[torch.Tensor] = []
+        self.stream_divergences: collections.deque[torch.Tensor] = collections.deque(maxlen=SITE_WINDOW)
 
     @property
     def has_source_statistics(self) -> bool:
@@ -318,11 +322,11 @@ class AdaptiveBatchNorm(nn.Module):
             self.stream_divergences.append(divergence.detach().mean().reshape(1))
         if len(self.stream_divergences) < self.policy.site_min_batches:
             return torch.zeros((), dtype=torch.bool, device=divergence.device)
-        return torch.cat(self.stream_divergences).median() > self.policy.site_min_shift
+        return torch.cat(tuple(self.stream_divergences)).median() > self.policy.site_min_shift
 
     def reset_stream(self) -> None:
         """Forget the batches recorded for the site gate (a new stream, e.g. a new site, starts)."""
-        self.stream_divergences = []
+        self.stream_divergences.clear()
 
     def _follow_stream(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
         """Move the running statistics towards the batch's (``tracking``, ``policy.momentum`` > 0)."""
