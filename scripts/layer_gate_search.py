@@ -22,22 +22,11 @@ import torch
 from monai_grata.benchmark.cells import _score, default_setup, load_target, target_items
 from monai_grata.data import domain_datalist, split_train_val
 from monai_grata.networks import checkpoint_decoder, load_weights, resunet
-from monai_grata.tta import BatchNormPolicy, convert_to_adaptive_batch_norm, record_batch_norm_shift
+from monai_grata.tta import BatchNormPolicy, convert_to_adaptive_batch_norm
+from monai_grata.tta.calibration import batch_norm_divergences
 from monai_grata.tta.normalization import adaptive_batch_norms
 
 DOMAINS = ("drishti_gs", "refuge_train", "refuge_val")
-
-
-@torch.no_grad()
-def layer_divergences(network: torch.nn.Module, images: list[dict]) -> torch.Tensor:
-    """(images, layers): each BatchNorm input's divergence from the layer's source statistics, source forward."""
-    rows = []
-    with record_batch_norm_shift(network) as record:
-        for item in images:
-            record.divergences.clear()
-            network(item["image"][None])
-            rows.append([float(d) for d in record.divergences])
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def gated_layers(network: torch.nn.Module, thresholds: list[float], n_layers: int) -> torch.nn.Module:
@@ -65,7 +54,8 @@ def main() -> None:
         ckpt = f"{args.models_dir}/source_{source}.pt"
         network = load_weights(resunet(decoder=checkpoint_decoder(ckpt)), ckpt).eval()
         train = load_target(split_train_val(domain_datalist(args.dataset_dir, source))[0], 256, setup)
-        thresholds = (args.factor * torch.quantile(layer_divergences(network, train), args.quantile, dim=0)).tolist()
+        divergences = torch.tensor(batch_norm_divergences(network, [i["image"][None] for i in train]))
+        thresholds = (args.factor * torch.quantile(divergences.double(), args.quantile, dim=0)).tolist()
         models = {"none (No Adapt)": network} | {
             f"first {k} gated": gated_layers(network, thresholds, k) for k in args.layers
         }

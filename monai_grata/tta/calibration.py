@@ -53,10 +53,10 @@ __all__ = [
     "FIRST_SHIFT_RULE",
     "SHIFT_CALIBRATION_SUFFIX",
     "SHIFT_RULE",
+    "batch_norm_divergences",
     "first_layer_calibration",
     "first_layer_divergences",
     "first_shift_threshold",
-    "first_site_threshold",
     "read_first_shift_threshold",
     "load_shift_calibration",
     "per_batch_shifts",
@@ -137,13 +137,13 @@ def _in_domain_values(values: Sequence[float], what: str, gauge: str) -> torch.T
 
 
 @torch.no_grad()
-def first_layer_divergences(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[float]:
-    """Per batch, the divergence of the network's first BatchNorm input from that layer's source statistics
-    (:func:`~monai_grata.tta.normalization.source_divergence`, mean over channels), as the first-layer gate
-    (``bn_first_min_shift``) measures it; ``model`` (the source weights) is run in eval mode on a copy.
+def batch_norm_divergences(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[list[float]]:
+    """Per batch, the divergence of each BatchNorm layer's input from that layer's source statistics
+    (:func:`~monai_grata.tta.normalization.source_divergence`, mean over channels; layers in the order the forward
+    passes them), as a layer's gate measures it; ``model`` (the source weights) is run in eval mode on a copy.
 
     Args:
-        model: the source network (its first BatchNorm keeps running statistics).
+        model: the source network (its BatchNorm layers keep running statistics).
         batches: the batches as the adapter receives them (one image (1, C, H, W) at a time, or a volume's patches).
 
     Raises:
@@ -152,46 +152,48 @@ def first_layer_divergences(model: nn.Module, batches: Iterable[torch.Tensor]) -
     """
     gauged = copy.deepcopy(model).eval()
     divergences = []
-    with record_batch_norm_shift(gauged) as record:  # the per-layer divergences, in the order the forward passes them
+    with record_batch_norm_shift(gauged) as record:
         for x in batches:
             record.divergences.clear()
             gauged(x)
-            divergences.append(record.divergences[0])
-    return [float(d) for d in divergences]
+            divergences.append([float(d) for d in record.divergences])
+    return divergences
 
 
-def first_shift_threshold(divergences: Sequence[float]) -> float:
-    """The first-layer gate's threshold from in-domain per-batch divergences: ``FIRST_RULE_FACTOR`` times their
-    ``FIRST_RULE_QUANTILE`` quantile (linear interpolation).
+def first_layer_divergences(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[float]:
+    """Per batch, the first BatchNorm's entry of :func:`batch_norm_divergences`: what the first-layer gate
+    (``bn_first_min_shift``) measures.
 
     Args:
-        divergences: the in-domain per-batch divergences (:func:`first_layer_divergences`, at least 2).
-
-    Raises:
-        BadInputError: fewer than 2 values, or a non-finite one.
+        model: the source network (its first BatchNorm keeps running statistics).
+        batches: the batches as the adapter receives them.
     """
-    values = _in_domain_values(divergences, "the first-layer threshold", "first-layer divergence")
-    return float(FIRST_RULE_FACTOR * torch.quantile(values, FIRST_RULE_QUANTILE))
+    return [layers[0] for layers in batch_norm_divergences(model, batches)]
 
 
-def first_site_threshold(divergences: Sequence[float]) -> float:
-    """The first layer's site gate (``bn_first_site_min_shift``) from in-domain per-batch divergences: their
+def first_shift_threshold(divergences: Sequence[float], site: bool = False) -> float:
+    """The first-layer gate's threshold from in-domain per-batch divergences: ``FIRST_RULE_FACTOR`` times their
+    ``FIRST_RULE_QUANTILE`` quantile; with ``site`` its site gate (``bn_first_site_min_shift``), their
     ``FIRST_SITE_RULE_QUANTILE`` quantile (linear interpolation).
 
     Args:
         divergences: the in-domain per-batch divergences (:func:`first_layer_divergences`, at least 2).
+        site: the site gate's threshold instead of the per-image one.
 
     Raises:
         BadInputError: fewer than 2 values, or a non-finite one.
     """
-    values = _in_domain_values(divergences, "the first layer's site gate", "first-layer divergence")
-    return float(torch.quantile(values, FIRST_SITE_RULE_QUANTILE))
+    what = "the first layer's site gate" if site else "the first-layer threshold"
+    values = _in_domain_values(divergences, what, "first-layer divergence")
+    if site:
+        return float(torch.quantile(values, FIRST_SITE_RULE_QUANTILE))
+    return float(FIRST_RULE_FACTOR * torch.quantile(values, FIRST_RULE_QUANTILE))
 
 
 def first_layer_calibration(divergences: Sequence[float], split: str) -> dict:
     """The calibration file's ``"first_layer"`` entry: the threshold (``min_shift``, the value of
     ``bn_first_min_shift``) by :func:`first_shift_threshold`, the site gate (``site_min_shift``, the value of
-    ``bn_first_site_min_shift``) by :func:`first_site_threshold`, their rules, the number of images, which they were,
+    ``bn_first_site_min_shift``) by the same with ``site``, their rules, the number of images, which they were,
     and a summary of their divergences.
 
     Args:
@@ -201,7 +203,7 @@ def first_layer_calibration(divergences: Sequence[float], split: str) -> dict:
     return {
         "min_shift": round(first_shift_threshold(divergences), 6),
         "rule": FIRST_SHIFT_RULE,
-        "site_min_shift": round(first_site_threshold(divergences), 6),
+        "site_min_shift": round(first_shift_threshold(divergences, site=True), 6),
         "site_rule": FIRST_SITE_RULE,
         "images": len(divergences),
         "split": split,
