@@ -88,7 +88,7 @@ def test_the_evaluator_prediction_moves_a_following_prior_and_feeds_the_site_gat
     preds, records = [], []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output[0]["pred"]))
     engine.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: records.append(len(handler.adapter.model[1].stream_divergences))
+        Events.ITERATION_COMPLETED, lambda e: records.append(handler.adapter.model[1].stream_batches)
     )
     engine.run()
     assert records == [1, 2, 1, 2]  # one record per prediction, a new stream at domain "b"

@@ -16,10 +16,11 @@ from monai_grata.tta import (
     convert_to_batch_norm,
     frozen_statistics,
     normalisation_statistics,
+    normalization,
     per_group_batch_norm,
     track_test_statistics,
 )
-from monai_grata.tta.normalization import SITE_WINDOW, adaptive_batch_norms, source_divergence
+from monai_grata.tta.normalization import adaptive_batch_norms, source_divergence
 
 from .test_tta_grata import tiny_net
 
@@ -249,12 +250,11 @@ def test_the_site_gate_opens_for_every_image_once_the_stream_median_is_shifted()
         torch.testing.assert_close(shifted_site(far), source(far), rtol=0, atol=1e-5)
     torch.testing.assert_close(shifted_site(far), stem(far), rtol=0, atol=1e-5)  # median of 3 far ones: open
     torch.testing.assert_close(shifted_site(near), stem(near), rtol=0, atol=1e-5)  # open for a near one too
-    assert len(layer.stream_divergences) == 4  # one record per prediction
+    assert layer.stream_batches == 4 and len(layer.recorded_divergences()) == 4  # one record per prediction
     shifted_site.model(near)  # a forward outside the adapter's prediction records nothing
-    assert len(layer.stream_divergences) == 4
-    assert layer.stream_divergences.maxlen == SITE_WINDOW  # a bounded median per batch on a long stream
+    assert layer.stream_batches == 4
     shifted_site.reset()  # a new stream: the record is gone
-    assert len(layer.stream_divergences) == 0
+    assert layer.stream_batches == 0 and len(layer.recorded_divergences()) == 0
     torch.testing.assert_close(shifted_site(far), source(far), rtol=0, atol=1e-5)
     unshifted_site = build_adapter("norm", copy.deepcopy(net), normalization=BatchNormPolicy(
         **policy, first_site_min_shift=far_divergence * 4))  # fmt: skip
@@ -266,6 +266,19 @@ def test_the_site_gate_opens_for_every_image_once_the_stream_median_is_shifted()
         BatchNormPolicy(prior=4.0, min_shift=0.1, site_min_shift=-1.0)
     with pytest.raises(ValueError, match="site_min_batches"):
         BatchNormPolicy(site_min_batches=0)
+
+
+def test_the_site_gate_judges_the_latest_window_of_the_stream(monkeypatch):
+    monkeypatch.setattr(normalization, "SITE_WINDOW", 4)
+    policy = BatchNormPolicy(prior=math.inf, first_layers=1, first_min_shift=10.0, first_site_min_shift=1.0,
+                             site_min_batches=1)  # fmt: skip
+    layer = adaptive_batch_norms(build_adapter("norm", tiny_net(), normalization=policy).model)[0]
+    layer.tracking = True
+    opened = [bool(layer._site_shifted(torch.tensor(value))) for value in (5.0, 5.0, 5.0, 5.0, 0.0, 0.0, 0.0)]
+    # the whole stream's (lower) median stays 5; the latest four's falls to 0 with the second near batch
+    assert opened == [True, True, True, True, True, False, False]
+    assert sorted(layer.recorded_divergences().tolist()) == [0.0, 0.0, 0.0, 5.0]
+    assert "stream_record" not in layer.state_dict()  # a stream's record is no part of the model
 
 
 def test_the_shift_reads_the_public_running_statistics():

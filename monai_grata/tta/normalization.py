@@ -22,7 +22,6 @@ DomainAdaptor's AdaMixBN, whose rule rewrites the affine parameters once per bat
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import math
@@ -273,8 +272,11 @@ class AdaptiveBatchNorm(nn.Module):
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None
         #: PyTorch's train-mode BatchNorm with this momentum (moving the running statistics), or None
         self.running_update: float | None = None
-        #: the divergences of the batches predicted so far (the site gate's record; :meth:`reset_stream`)
-        self.stream_divergences: collections.deque[torch.Tensor] = collections.deque(maxlen=SITE_WINDOW)
+        #: the site gate's record: a ring of the latest :data:`SITE_WINDOW` predicted batches' divergences (a
+        #: buffer outside the state dict, so it moves with the layer; allocated at the first record)
+        self.register_buffer("stream_record", None, persistent=False)
+        #: how many batches the stream has predicted since its start (a host count: no device read)
+        self.stream_batches = 0
 
     @property
     def has_source_statistics(self) -> bool:
@@ -319,14 +321,24 @@ class AdaptiveBatchNorm(nn.Module):
         divergences above ``policy.site_min_shift``, once ``policy.site_min_batches`` are recorded. A forward inside
         :func:`track_test_statistics` first records its own (the mean over its groups)."""
         if self.tracking:
-            self.stream_divergences.append(divergence.detach().mean().reshape(1))
-        if len(self.stream_divergences) < self.policy.site_min_batches:
+            if self.stream_record is None:
+                self.stream_record = torch.zeros(SITE_WINDOW, dtype=torch.float32, device=divergence.device)
+            self.stream_record[self.stream_batches % SITE_WINDOW] = divergence.detach().mean()
+            self.stream_batches += 1
+        if self.stream_batches < self.policy.site_min_batches:
             return torch.zeros((), dtype=torch.bool, device=divergence.device)
-        return torch.cat(tuple(self.stream_divergences)).median() > self.policy.site_min_shift
+        return self.recorded_divergences().median() > self.policy.site_min_shift
+
+    def recorded_divergences(self) -> torch.Tensor:
+        """The divergences the site gate's median runs over (the latest :data:`SITE_WINDOW` predicted batches', in
+        ring order; empty before the first record)."""
+        if self.stream_record is None:
+            return torch.zeros(0)
+        return self.stream_record[: min(self.stream_batches, SITE_WINDOW)]
 
     def reset_stream(self) -> None:
         """Forget the batches recorded for the site gate (a new stream, e.g. a new site, starts)."""
-        self.stream_divergences.clear()
+        self.stream_batches = 0
 
     def _follow_stream(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
         """Move the running statistics towards the batch's (``tracking``, ``policy.momentum`` > 0)."""
