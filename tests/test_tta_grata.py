@@ -191,6 +191,30 @@ def test_alignment_off_takes_pseudo_gradient_at_theta():
     assert float(unaligned.last_step.loss_pseudo) == pytest.approx(float(probe.loss("consistency", x)), rel=1e-6)
 
 
+def test_a_plain_step_at_theta_takes_no_auxiliary_gradient():
+    # align=False, dynamic_lr=False: Adam on the consistency gradient at θ with lr beta; the entropy gradient, which
+    # nothing then reads, is not taken (its loss is still logged)
+    x = torch.rand(1, 3, 16, 16)
+    plain = GraTa(tiny_net(), beta=1e-2, align=False, dynamic_lr=False, seed=1, multilabel=True)
+    calls = []
+    grad = torch.autograd.grad
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+        plain(x)
+    assert len(calls) == 1
+    assert set(plain.last_step.scalars()) == {"lr", "loss_aux", "loss_pseudo"}
+    assert float(plain.last_step.lr) == pytest.approx(1e-2)
+    reference = GraTa(tiny_net(), seed=1, multilabel=True)  # the same strong view, drawn by the same seed
+    params = reference.params
+    gradients = torch.autograd.grad(reference.loss("consistency", x), params)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for p, g in zip(params, gradients, strict=True):
+        p.grad = g
+    optimizer.step()
+    for p, q in zip(plain.params, params, strict=True):
+        torch.testing.assert_close(p, q)
+
+
 def test_same_seed_same_predictions_and_episodic():
     images = [torch.rand(1, 3, 16, 16) for _ in range(3)]
     runs = []

@@ -43,7 +43,8 @@ class GraTaStep(AdaptationStep):
     schedule left out, has no update: ``updated`` False, ``lr`` 0 and no gradient statistics.
 
     Args:
-        cos: cos(g_aux, g_pseudo).
+        cos: cos(g_aux, g_pseudo); None when no use of ``g_aux`` is on (``align`` and ``dynamic_lr`` False, no
+            ``min_cos``), so that gradient is not taken.
         lr: the learning rate of the update (0 when none was taken).
         loss_aux: the auxiliary loss at θ.
         loss_pseudo: the pseudo loss (at θ' when aligned).
@@ -201,6 +202,9 @@ class GraTa(GradientAdapter):
         self._batch_teacher: torch.Tensor | None = None
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
+        # the auxiliary gradient serves the perturbation, the cosine's lr and the min_cos test; without any of them
+        # (a plain step on the pseudo loss at θ, Table 2's first row) it is not taken
+        self._needs_aux_gradient = align or dynamic_lr or min_cos is not None
         super().__init__(model, episodic=episodic, normalization=normalization)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
         self.views = WeakViews(WEAK_VIEWS if views is None else views)
@@ -335,7 +339,9 @@ class GraTa(GradientAdapter):
                 loss_aux = entropy_loss(aux_logits, self.multilabel)
             else:
                 loss_aux = self.loss(self.aux, x)
-            grad_aux = torch.autograd.grad(loss_aux, self.params)
+            # the forward stays (its loss is logged, and it advances what a forward advances: BatchNorm tracking,
+            # the strong views' generator); only a gradient nothing reads is skipped
+            grad_aux = torch.autograd.grad(loss_aux, self.params) if self._needs_aux_gradient else None
         if self.align:
             source = [p.detach().clone() for p in self.params]
             with torch.no_grad():
@@ -348,9 +354,13 @@ class GraTa(GradientAdapter):
                 with torch.no_grad():
                     for p, s in zip(self.params, source, strict=True):
                         p.copy_(s)
-            flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
-            cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
-            lr = self.beta * ACTIVATIONS[self.activation](cos) if self.dynamic_lr else torch.full_like(cos, self.beta)
+            if grad_aux is None:
+                cos, lr = None, torch.tensor(self.beta, device=x.device)
+            else:
+                flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
+                cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
+                act = ACTIVATIONS[self.activation] if self.dynamic_lr else lambda c: torch.ones_like(c)
+                lr = self.beta * act(cos)
             updated = False
             if self.min_cos is not None and not float(cos) > self.min_cos:
                 lr = torch.zeros_like(lr)
@@ -363,7 +373,7 @@ class GraTa(GradientAdapter):
                 updated = step_size > 0
         return GraTaStep(
             updated=updated,
-            cos=cos.detach(),
+            cos=None if cos is None else cos.detach(),
             lr=lr.detach(),
             loss_aux=loss_aux.detach(),
             loss_pseudo=loss_pseudo.detach(),
