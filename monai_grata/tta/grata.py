@@ -37,6 +37,11 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def _cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    flat_a, flat_b = _flat(a), _flat(b)
+    return torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm() + 1e-12)
+
+
 @dataclasses.dataclass(kw_only=True)
 class GraTaStep(AdaptationStep):
     """A GraTa step (of its last update, with ``steps`` > 1). A batch the shift gate held, or that the settle
@@ -202,13 +207,17 @@ class GraTa(GradientAdapter):
         self._batch_teacher: torch.Tensor | None = None
         self.beta, self.aux, self.pseudo, self.activation = float(beta), aux, pseudo, activation
         self.align, self.dynamic_lr, self.multilabel, self.batch_views = align, dynamic_lr, multilabel, batch_views
-        # the auxiliary gradient serves the perturbation, the cosine's lr and the min_cos test; without any of them
-        # (a plain step on the pseudo loss at θ, Table 2's first row) it is not taken
-        self._needs_aux_gradient = align or dynamic_lr or min_cos is not None
         super().__init__(model, episodic=episodic, normalization=normalization)
         self.strong_transform = strong_transform if strong_transform is not None else StrongIntensityAug(seed=seed)
         self.views = WeakViews(WEAK_VIEWS if views is None else views)
         self.volume_axes_given = views is not None and strong_transform is not None
+
+    @property
+    def uses_aux_gradient(self) -> bool:
+        """Whether a step reads the auxiliary gradient: for the perturbation (``align``), the cosine's lr
+        (``dynamic_lr``) or the ``min_cos`` test. Without any of them (a plain step on the pseudo loss at θ, Table 2's
+        first row) it is not taken."""
+        return self.align or self.dynamic_lr or self.min_cos is not None
 
     def weak_views(self, x: torch.Tensor) -> WeakViews:
         """The weak views of ``x`` (:attr:`views`).
@@ -341,7 +350,7 @@ class GraTa(GradientAdapter):
                 loss_aux = self.loss(self.aux, x)
             # the forward stays (its loss is logged, and it advances what a forward advances: BatchNorm tracking,
             # the strong views' generator); only a gradient nothing reads is skipped
-            grad_aux = torch.autograd.grad(loss_aux, self.params) if self._needs_aux_gradient else None
+            grad_aux = torch.autograd.grad(loss_aux, self.params) if self.uses_aux_gradient else None
         if self.align:
             source = [p.detach().clone() for p in self.params]
             with torch.no_grad():
@@ -354,13 +363,11 @@ class GraTa(GradientAdapter):
                 with torch.no_grad():
                     for p, s in zip(self.params, source, strict=True):
                         p.copy_(s)
-            if grad_aux is None:
-                cos, lr = None, torch.tensor(self.beta, device=x.device)
+            cos = None if grad_aux is None else _cosine(grad_aux, grad_pseudo)
+            if self.dynamic_lr:
+                lr = self.beta * ACTIVATIONS[self.activation](cos)
             else:
-                flat_aux, flat_pseudo = _flat(grad_aux), _flat(grad_pseudo)
-                cos = torch.dot(flat_aux, flat_pseudo) / (flat_aux.norm() * flat_pseudo.norm() + 1e-12)
-                act = ACTIVATIONS[self.activation] if self.dynamic_lr else lambda c: torch.ones_like(c)
-                lr = self.beta * act(cos)
+                lr = torch.tensor(self.beta, device=x.device)
             updated = False
             if self.min_cos is not None and not float(cos) > self.min_cos:
                 lr = torch.zeros_like(lr)
